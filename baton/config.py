@@ -1,0 +1,98 @@
+"""Typed configs: dataclasses filled from YAML files and `key=value` overrides (OmegaConf).
+
+Each stage declares its config as a dataclass; `load_config` merges, in order, the dataclass
+defaults, the YAML file and the command-line overrides, and checks keys and types against the
+dataclass. Unknown keys and wrong types raise a `BatonError` that names the key and the valid
+choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from baton.errors import BatonError
+
+T = TypeVar("T")
+
+
+def _valid_keys(schema: Any, dotted: str) -> list[str]:
+    """The keys allowed at the level of `dotted` (a.b.c) in the schema."""
+    node = OmegaConf.structured(schema)
+    parts = dotted.split(".")[:-1]
+    for p in parts:
+        try:
+            node = node[p]
+        except Exception:
+            return []
+    try:
+        return sorted(node.keys())
+    except Exception:
+        return []
+
+
+def _explain(schema: Any, err: OmegaConfBaseException, source: str) -> BatonError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in struct" in str(err):
+        choices = _valid_keys(schema, key) if key else []
+        leaf = key.split(".")[-1]
+        hint = difflib.get_close_matches(leaf, choices, n=1)
+        msg = f"{source}: unknown config key '{key}'."
+        if hint:
+            msg += f" Did you mean '{hint[0]}'?"
+        if choices:
+            msg += f" Valid keys here: {', '.join(choices)}."
+        return BatonError(msg)
+    if isinstance(err, ValidationError):
+        return BatonError(f"{source}: bad value for config key '{key}': {err.msg}")
+    return BatonError(f"{source}: {err}")
+
+
+def load_config(schema: type[T], path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    merged = base
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BatonError(f"config file not found: {path} (pass a YAML file, e.g. configs/demo_clip.yaml)")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax
+            raise BatonError(f"{path}: cannot parse YAML: {e}") from None
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as e:
+            raise _explain(schema, e, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise BatonError(f"override '{item}' is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(schema, e, f"override '{item}'") from None
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _explain(schema, e, str(path or "config")) from None
+
+
+def to_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML (written to each run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(schema: type[T], text: str) -> T:
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def asdict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,71 @@
+"""Logging for runs: a text log (`log.txt`), machine-readable scalars (`metrics.jsonl`) and
+tensorboard (`tb/`). Only rank 0 writes files; other ranks log warnings to stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str = "baton") -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.Logger:
+    root = logging.getLogger("baton")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.handlers.clear()
+    root.propagate = False
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter(_FMT, "%H:%M:%S"))
+    root.addHandler(h)
+    if run_dir is not None and rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / "log.txt")
+        fh.setFormatter(logging.Formatter(_FMT))
+        root.addHandler(fh)
+    return root
+
+
+class MetricsWriter:
+    """Appends scalars to `metrics.jsonl` and tensorboard. A no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                except Exception:  # tensorboard missing: jsonl still written
+                    self._tb = None
+
+    def log(self, step: int, **scalars: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
