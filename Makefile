@@ -1,0 +1,96 @@
+# baton: two commands do everything on a fresh machine.
+#   make demo   set-up + the whole pipeline on the embedded emoji data -> runs/demo/report.md
+#   make test   set-up + the test suite
+# Both are idempotent: a second run skips what is done (file targets and stamps).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch and torchvision are pinned to the builds that lie on this project's machines; override
+# TORCH_SPEC for another platform (e.g. TORCH_SPEC="torch torchvision").
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.baton-installed
+DEMO   := runs/demo
+DATA   := data/emoji
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE = 1
+export PYTHONUNBUFFERED = 1
+
+.PHONY: all setup demo test test-fast system-deps clean clean-demo
+
+all: demo
+
+# --- set-up ---------------------------------------------------------------------------------
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Optional emoji designs from Debian packages (Noto Color Emoji, EmojiOne). Installed where
+# apt-get works; the demo goes on with the PyPI designs (Twemoji, OpenMoji) where it does not.
+.stamp-system-deps:
+	@if [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && dpkg -s ruby-gemojione >/dev/null 2>&1; then \
+	  echo "system emoji designs present"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    fonts-noto-color-emoji ruby-gemojione >/dev/null) || echo "apt-get failed: going on without Noto/EmojiOne"; \
+	else echo "no apt-get as root: going on without Noto/EmojiOne designs"; fi
+	touch $@
+
+system-deps: .stamp-system-deps
+
+setup: $(STAMP) .stamp-system-deps
+
+# --- tests ----------------------------------------------------------------------------------
+test: setup
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# --- the demo pipeline ----------------------------------------------------------------------
+$(DATA)/stats.json: | setup
+	$(BIN)/baton shards emoji --out $(DATA)
+
+$(DEMO)/eval_pixels/metrics.json: $(DATA)/stats.json
+	$(BIN)/baton evaluate pixels --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pixels
+
+$(DEMO)/pretrain/export/backbone.json: $(DATA)/stats.json configs/demo_clip.yaml
+	$(BIN)/baton pretrain configs/demo_clip.yaml resume=latest
+	$(BIN)/baton export $(DEMO)/pretrain $(DEMO)/pretrain/export
+
+$(DEMO)/eval_random/metrics.json: $(DEMO)/pretrain/export/backbone.json
+	$(BIN)/baton evaluate random --like $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_random
+
+$(DEMO)/eval_pretrained/metrics.json: $(DEMO)/pretrain/export/backbone.json
+	$(BIN)/baton evaluate $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pretrained
+
+$(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
+	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest
+	touch $@
+
+$(DEMO)/eval_finetuned/metrics.json: $(DEMO)/finetune/model/.done
+	$(BIN)/baton evaluate $(DEMO)/finetune --data-source shards --data-root $(DATA) --out $(DEMO)/eval_finetuned
+
+$(DEMO)/report.md: $(DEMO)/eval_pixels/metrics.json $(DEMO)/eval_random/metrics.json \
+                   $(DEMO)/eval_pretrained/metrics.json $(DEMO)/eval_finetuned/metrics.json
+	$(BIN)/baton report --out $@ \
+	  --row "raw pixels 16x16=$(DEMO)/eval_pixels" \
+	  --row "random init=$(DEMO)/eval_random" \
+	  --row "CLIP pretrained=$(DEMO)/eval_pretrained" \
+	  --row "SoftTriple finetuned=$(DEMO)/eval_finetuned" \
+	  --loss-curve pretrain=$(DEMO)/pretrain/metrics.jsonl \
+	  --loss-curve finetune=$(DEMO)/finetune/metrics.jsonl \
+	  --grid $(DEMO)/eval_finetuned/retrieval_grid.png
+
+demo: setup $(DEMO)/report.md
+	@cat $(DEMO)/report.md
+
+clean-demo:
+	rm -rf $(DEMO) $(DATA)
+
+clean: clean-demo
+	rm -rf $(VENV) .stamp-system-deps

@@ -1,0 +1,105 @@
+"""The shared runtime: typed configs, atomic checkpoints, the handoff format, the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from baton.cli import main as cli_main
+from baton.config import from_yaml, load_config, to_yaml
+from baton.errors import BatonError
+from baton.handoff import read_handoff, write_handoff
+
+
+@dataclass
+class _Optim:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class _Cfg:
+    name: str = "x"
+    optim: _Optim = field(default_factory=_Optim)
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: demo\noptim:\n  lr: 0.5\n")
+    cfg = load_config(_Cfg, p, ["optim.steps=7"])
+    assert (cfg.name, cfg.optim.lr, cfg.optim.steps) == ("demo", 0.5, 7)
+    assert from_yaml(_Cfg, to_yaml(cfg)) == cfg
+
+
+def test_config_unknown_key_names_key_and_choices(tmp_path):
+    with pytest.raises(BatonError) as e:
+        load_config(_Cfg, None, ["optim.lrr=0.1"])
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "lr" in msg and "steps" in msg and "Did you mean 'lr'" in msg
+    p = tmp_path / "c.yaml"
+    p.write_text("nmae: demo\n")
+    with pytest.raises(BatonError) as e:
+        load_config(_Cfg, p)
+    assert "nmae" in str(e.value) and str(p) in str(e.value) and "name" in str(e.value)
+
+
+def test_config_wrong_type_and_missing_file(tmp_path):
+    with pytest.raises(BatonError) as e:
+        load_config(_Cfg, None, ["optim.steps=many"])
+    assert "optim.steps" in str(e.value)
+    with pytest.raises(BatonError) as e:
+        load_config(_Cfg, tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(e.value)
+
+
+def test_checkpoint_atomic_latest_and_pruning(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(root, step, {"w": torch.full((2,), float(step)), "step": step}, keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000003", "step_000004"]
+    assert not list(root.glob(".*tmp"))
+    state, meta = load_checkpoint(tmp_path)  # a run directory works too
+    assert state["step"] == 4 and meta["step"] == 4 and torch.equal(state["w"], torch.full((2,), 4.0))
+    assert resolve_checkpoint(root / "step_000003").name == "step_000003"
+
+
+def test_checkpoint_missing_is_clear(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(BatonError) as e:
+        resolve_checkpoint(tmp_path / "run")
+    assert "no checkpoint found" in str(e.value) and "run" in str(e.value)
+
+
+class _Arbitrary:
+    """An arbitrary class: loading a checkpoint must not unpickle it."""
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    save_checkpoint(tmp_path, 1, {"obj": _Arbitrary()})
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(tmp_path)
+
+
+def test_handoff_round_trip_and_tamper(tmp_path):
+    sd = {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)}
+    write_handoff(tmp_path, sd, {"library": "open_clip", "embedding_dim": 3})
+    back, meta = read_handoff(tmp_path)
+    assert all(torch.equal(back[k], sd[k]) for k in sd) and meta["embedding_dim"] == 3
+    with open(tmp_path / "backbone.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BatonError, match="sha256"):
+        read_handoff(tmp_path)
+    with pytest.raises(BatonError, match="baton export"):
+        read_handoff(tmp_path / "missing")
+
+
+def test_cli_unknown_command(capsys):
+    assert cli_main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli_main(["--help"]) == 0
+    assert "pretrain" in capsys.readouterr().out
