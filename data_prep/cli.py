@@ -1,0 +1,50 @@
+"""`baton shards SOURCE ...`: write WebDataset shards from one of the registered sources.
+
+`baton.cli` strips the word `shards` and calls `main(argv)`. Argument errors are raised as
+`BatonError` (exit status 2, one clear line) rather than argparse's SystemExit, so callers and
+tests get a status back instead of an exception.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from baton.errors import BatonError
+from data_prep.sources import SOURCES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and sys.exit(2)
+        raise BatonError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="baton shards", description="Write WebDataset shards (key.png|jpg, key.txt, "
+                     "key.json) plus stats.json from an image-text source.")
+    sub = parser.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser)
+    for name, module in SOURCES.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        for action in p._actions:  # sizes and counts must be >= 1 for every source
+            if action.dest in ("size", "shard_size", "max_classes"):
+                action.type = _positive
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.source is None:
+        raise BatonError(f"baton shards: name a source, one of {', '.join(SOURCES)} "
+                         f"(e.g. `baton shards emoji --out data/emoji`)")
+    return SOURCES[args.source].run(args)

@@ -1,0 +1,101 @@
+"""Image checks and conversions shared by the sources.
+
+A shard must only hold images the trainer can decode, so every input is fully decoded with
+Pillow (`open` + `load`, not just `verify`, which misses truncated data) before it is written.
+Problems become `SkipSample(reason)`: the writer counts them by reason instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+# Extensions tried as images by the folder source; anything else is skipped and counted.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Formats whose original bytes can go into a shard unchanged (as `png` / `jpg`).
+PASSTHROUGH = {"PNG": "png", "JPEG": "jpg"}
+
+
+class SkipSample(Exception):
+    """An input that cannot become a sample; `reason` is the stats.json counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, or SkipSample('missing_file' / 'unreadable_file')."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise SkipSample("missing_file", str(p)) from None
+    except IsADirectoryError:
+        raise SkipSample("not_a_file", str(p)) from None
+    except OSError as e:
+        raise SkipSample("unreadable_file", f"{p}: {e}") from None
+
+
+def decode(data: bytes, where: str = "") -> Image.Image:
+    """Fully decode `data`; raise SkipSample('undecodable_image') on any decoder complaint.
+
+    Decompression-bomb warnings are promoted to errors: a huge image would stall training.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Exception as e:  # Pillow raises many types: UnidentifiedImageError, OSError, SyntaxError...
+        raise SkipSample("undecodable_image", f"{where}: {type(e).__name__}: {e}") from None
+    if img.width < 1 or img.height < 1:
+        raise SkipSample("undecodable_image", f"{where}: empty image")
+    return img
+
+
+def on_white(img: Image.Image) -> Image.Image:
+    """RGB with any transparency composited on white (emoji and logos have alpha)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or img.mode.endswith("A"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """PNG bytes with no metadata, so equal pixels give equal bytes (reproducible shards)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size`, keeping the aspect ratio (the loader crops later)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
+
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[bytes, str]:
+    """(bytes, 'png'|'jpg') for one image file, checked to decode.
+
+    Without `size`, PNG and JPEG keep their original bytes (no generation loss); other formats
+    are re-encoded as PNG. With `size`, the image is resized (shorter side) and encoded as PNG.
+    """
+    data = read_bytes(path)
+    img = decode(data, str(path))
+    if size is None and img.format in PASSTHROUGH:
+        return data, PASSTHROUGH[img.format]
+    rgb = on_white(img)
+    if size is not None:
+        rgb = resize_short_side(rgb, size)
+    return encode_png(rgb), "png"
