@@ -1,0 +1,69 @@
+"""The `baton finetune` config: dataclass defaults <- YAML file <- key=value overrides
+(`baton.config.load_config`). The resolved config is written to `run_dir/config.yaml`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"          # shards | folder (finetune.datasets)
+    root: str = "data/emoji"        # shards: ROOT/{train,test}/ ; folder: ROOT/<class>/<images>
+    batch_size: int = 64
+    m_per_class: int = 2            # images per class in a batch (pml MPerClassSampler)
+    workers: int = 0                # DataLoader worker processes (0: load in the training process)
+    crop_scale_min: float = 0.6     # random resized crop scale range [crop_scale_min, 1]; 1 = no crop
+    hflip: bool = False             # mirrored emoji can be other classes, so off by default
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 128        # linear head width; 0 = no head (backbone features)
+
+
+@dataclass
+class LossConfig:
+    name: str = "softtriple"        # finetune.losses.LOSSES
+    centers_per_class: int = 10
+    la: float = 20.0
+    gamma: float = 0.1
+    tau: float = 0.2
+    margin: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4                # backbone
+    head_lr: float = 1e-3           # the new linear head
+    loss_lr: float = 1e-2           # loss parameters (SoftTriple centres; the paper uses a much larger rate)
+    weight_decay: float = 1e-4
+    eps: float = 1e-2               # Adam epsilon, as in the SoftTriple code
+    warmup: int = 0                 # linear warmup steps, then cosine decay to 0
+    schedule: str = "cosine"        # cosine | constant
+    grad_clip: float = 0.0          # max grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    steps_per_epoch: int = 0        # 0 = len(train set) // batch_size
+    checkpoint_every: int = 0       # steps; 0 = at the end of every epoch
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    device: str = "auto"            # auto | cpu | cuda
+    eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
+    tensorboard: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    seed: int = 0
+    resume: str = ""                # "" = fresh (refuses a run_dir with checkpoints), latest, or a checkpoint path
+    backbone: str = "runs/demo/pretrain/export"   # handoff directory (baton export)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

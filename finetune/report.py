@@ -1,0 +1,122 @@
+"""`baton report --out runs/demo/report.md --row "NAME=EVAL_DIR" ... [--loss-curve NAME=metrics.jsonl ...]
+[--grid retrieval_grid.png]`
+
+Collects `baton evaluate` outputs into one markdown table (Recall@1/2/4/8, MAP@R, NMI per row, in
+the order given, so the story reads top-down: pixels, random init, pretrained, finetuned), plots
+the training loss curves next to it (loss_curves.png), links a retrieval grid, writes the same
+numbers to report.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+from baton.errors import BatonError
+from baton.io import atomic_path, write_json_atomic, write_text_atomic
+from baton.logs import read_metrics
+
+COLUMNS = [("recall@1", "Recall@1"), ("recall@2", "Recall@2"), ("recall@4", "Recall@4"),
+           ("recall@8", "Recall@8"), ("map@r", "MAP@R"), ("nmi", "NMI")]
+
+
+def _pair(text: str, flag: str) -> tuple[str, Path]:
+    if "=" not in text:
+        raise BatonError(f"{flag} '{text}' must be NAME=PATH")
+    name, path = text.split("=", 1)
+    return name.strip(), Path(path.strip())
+
+
+def read_row(name: str, path: Path) -> dict:
+    f = path / "metrics.json" if path.is_dir() or not path.suffix else path
+    if not f.is_file():
+        raise BatonError(f"--row {name}: no metrics at {f} (run `baton evaluate ... --out {path}` first)")
+    return {"name": name, "path": str(f), **json.loads(f.read_text())}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cell(v) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    lines = ["| model | " + " | ".join(t for _, t in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    lines += ["| " + r["name"] + " | " + " | ".join(cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _loss_key(rows: list[dict]) -> str | None:
+    keys = [k for r in rows for k in r if "loss" in k]
+    return "loss" if "loss" in keys else (keys[0] if keys else None)
+
+
+def plot_loss_curves(curves: list[tuple[str, Path]], out: Path) -> Path | None:
+    """One panel per curve: the stages' losses have unrelated scales (CLIP vs SoftTriple)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for name, path in curves:
+        rows = read_metrics(path)
+        key = _loss_key(rows)
+        if key is None:
+            raise BatonError(f"--loss-curve {name}: no loss values in {path} (expected metrics.jsonl rows "
+                             f"with a 'loss' key)")
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        series.append((name, key, pts))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (name, key, pts) in zip(axes[0], series):
+        ax.plot([s for s, _ in pts], [v for _, v in pts])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="baton report", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="the markdown file to write, e.g. runs/demo/report.md")
+    p.add_argument("--row", action="append", default=[], help="NAME=EVAL_DIR (repeatable, in table order)")
+    p.add_argument("--loss-curve", action="append", default=[], help="NAME=metrics.jsonl (repeatable)")
+    p.add_argument("--grid", help="a retrieval_grid.png to link")
+    p.add_argument("--title", default="baton demo: retrieval on held-out classes")
+    args = p.parse_args(argv)
+    if not args.row:
+        raise BatonError("baton report needs at least one --row NAME=EVAL_DIR")
+    out = Path(args.out)
+    rows = [read_row(*_pair(r, "--row")) for r in args.row]
+    curves = [_pair(c, "--loss-curve") for c in args.loss_curve]
+    for name, path in curves:
+        if not path.is_file():
+            raise BatonError(f"--loss-curve {name}: {path} does not exist")
+    table = markdown_table(rows)
+    md = [f"# {args.title}", "", "Percentages; queries are all held-out images, each against the rest.", "",
+          table, ""]
+    first = rows[0]
+    md += [f"{first.get('n_queries', '?')} queries over {first.get('n_classes', '?')} classes.", ""]
+    loss_png = plot_loss_curves(curves, out.parent / "loss_curves.png") if curves else None
+    if loss_png:
+        md += ["## Training loss", "", f"![loss curves]({os.path.relpath(loss_png, out.parent)})", ""]
+    grid = None
+    if args.grid:
+        if not Path(args.grid).is_file():
+            raise BatonError(f"--grid {args.grid} does not exist (baton evaluate writes retrieval_grid.png)")
+        grid = os.path.relpath(args.grid, out.parent)
+        md += ["## Retrieval examples", "", f"![retrieval grid]({grid})", ""]
+    md += ["## Rows", ""] + [f"- **{r['name']}**: {r.get('model', '?')} ({r['path']})" for r in rows] + [""]
+    write_text_atomic(out, "\n".join(md))
+    write_json_atomic(out.parent / "report.json",
+                      {"rows": rows, "loss_curves": {n: str(pth) for n, pth in curves},
+                       "loss_plot": str(loss_png) if loss_png else None, "grid": grid})
+    print(table)
+    return 0

@@ -1,0 +1,234 @@
+"""`baton finetune CONFIG [key=value ...]`: deep metric learning on a pretrained backbone.
+
+Batches hold `m_per_class` images of each of `batch_size / m_per_class` classes (pml's
+MPerClassSampler), so every batch has positives for pair losses and several classes per proxy
+update. Training is step-based; resuming gives the same weights as an uninterrupted run because
+(a) each epoch's sample order is drawn from a generator seeded by (seed, epoch), not from global
+state, (b) each image's augmentation is drawn from a generator seeded by (seed, step, position),
+and (c) a checkpoint holds model, loss and optimiser state and the step. At the end the model is
+written to `run_dir/model/` (see finetune/model.py) and, by default, evaluated on the held-out
+classes (`run_dir/eval.json`, and `test/*` rows in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from baton.config import load_config, to_yaml
+from baton.errors import BatonError
+from baton.io import write_json_atomic, write_text_atomic
+from baton.logs import MetricsWriter, setup_logging
+from finetune.config import FinetuneConfig
+from finetune.datasets import load_dataset
+from finetune.evaluate import n_answerable, retrieval_metrics
+from finetune.losses import build_loss
+from finetune.model import EmbeddingModel, build_transform, embed_images, load_backbone, save_embedding_model
+
+
+class AugmentedSet(Dataset):
+    """Indexed by (item index, augmentation seed): the seed fixes the random crop/flip, so a batch
+    is the same in the main process, in a worker, and after a resume."""
+
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        i, seed = key
+        img, label, _ = self.items[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = self.transform(img)
+        return x, label
+
+
+@contextmanager
+def _pml_rng(seed: int):
+    """pml's samplers draw from the module-global `c_f.NUMPY_RANDOM`; point it at a seeded
+    generator for the duration, then restore it, so our order depends only on (seed, epoch)."""
+    from pytorch_metric_learning.utils import common_functions as c_f
+
+    saved = c_f.NUMPY_RANDOM
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed % (2 ** 32))
+    try:
+        yield
+    finally:
+        c_f.NUMPY_RANDOM = saved
+
+
+def epoch_batches(labels: list[int], cfg: FinetuneConfig, epoch: int, steps: int) -> list[list[int]]:
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    bs = cfg.data.batch_size
+    sampler = MPerClassSampler(labels, cfg.data.m_per_class, batch_size=bs,
+                               length_before_new_iter=steps * bs)
+    with _pml_rng(cfg.seed * 1_000_003 + epoch):
+        order = list(iter(sampler))
+    return [order[s * bs:(s + 1) * bs] for s in range(steps)]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _check(cfg: FinetuneConfig, n_classes: int) -> None:
+    d = cfg.data
+    if d.m_per_class < 1 or d.batch_size % d.m_per_class:
+        raise BatonError(f"data.batch_size ({d.batch_size}) must be a multiple of data.m_per_class "
+                         f"({d.m_per_class})")
+    if d.m_per_class * n_classes < d.batch_size:
+        raise BatonError(f"data.batch_size ({d.batch_size}) needs more than {n_classes} train classes x "
+                         f"data.m_per_class ({d.m_per_class}); lower data.batch_size")
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise BatonError(f"optim.schedule '{cfg.optim.schedule}' is not cosine or constant")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise BatonError(f"train.device '{cfg.train.device}' is not auto, cpu or cuda")
+
+
+def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "":
+        if latest_checkpoint(ckpt_root) is not None:
+            raise BatonError(f"{ckpt_root} already has checkpoints: pass resume=latest to continue, "
+                             f"or choose another run_dir")
+        return None
+    if cfg.resume == "latest":
+        return latest_checkpoint(ckpt_root)
+    return Path(cfg.resume)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume = _resume_from(cfg, ckpt_root)
+    log = setup_logging(run_dir)
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.train.device == "cuda" or
+                          (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+    data = load_dataset(cfg.data.source, cfg.data.root, cfg.seed)
+    train_labels = [y for _, y, _ in data.train]
+    n_classes = max(train_labels) + 1
+    _check(cfg, n_classes)
+    backbone, bmeta = load_backbone(cfg.backbone)
+    model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None).to(device)
+    loss_params = {k: v for k, v in asdict(cfg.loss).items() if k != "name"}
+    criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, **loss_params).to(device)
+    o = cfg.optim
+    groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
+              {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
+              {"params": list(criterion.parameters()), "lr": o.loss_lr}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    optimizer = torch.optim.Adam(groups, eps=o.eps, weight_decay=o.weight_decay)
+
+    steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
+    total = cfg.train.epochs * steps_per_epoch
+    step = 0
+    if resume is not None:
+        state, meta = load_checkpoint(resume, map_location=device)
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", meta["path"], step)
+    log.info("finetune: %d train images / %d classes, %d test images / %d classes, %d steps on %s",
+             len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
+
+    tf = build_transform(bmeta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
+                         hflip=cfg.data.hflip)
+    dataset = AugmentedSet(data.train, tf)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    every = cfg.train.checkpoint_every or steps_per_epoch
+    model.train()
+    window: list[float] = []
+    last_loss = float("nan")
+    t0 = time.time()
+
+    def checkpoint(epoch: int) -> None:
+        state = {"model": model.state_dict(), "loss": criterion.state_dict(),
+                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}
+        save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
+                        keep_last=cfg.train.keep_checkpoints)
+
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.train.epochs):
+            batches = epoch_batches(train_labels, cfg, epoch, steps_per_epoch)
+            first = step - epoch * steps_per_epoch
+            keyed = [[(i, cfg.seed * 1_000_003 + (epoch * steps_per_epoch + s) * 4096 + j)
+                      for j, i in enumerate(b)] for s, b in enumerate(batches)][first:]
+            loader = DataLoader(dataset, batch_sampler=keyed, num_workers=cfg.data.workers)
+            for x, y in loader:
+                factor = lr_factor(step, total, o.warmup, o.schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                emb = model(x.to(device))
+                loss = criterion(emb, y.to(device))
+                if not torch.isfinite(loss):
+                    raise BatonError(f"loss became {loss.item()} at step {step}; lower optim.lr / "
+                                     f"optim.loss_lr or loss.la in the config")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if o.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                optimizer.step()
+                step += 1
+                window.append(loss.item())
+                if step % cfg.train.log_every == 0 or step == total:
+                    last_loss = float(np.mean(window))
+                    writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch)
+                    log.info("step %d/%d epoch %d loss %.4f (%.1fs)", step, total, epoch, last_loss,
+                             time.time() - t0)
+                    window = []
+                if step % every == 0 or step == total:
+                    checkpoint(epoch if step % steps_per_epoch else epoch + 1)
+    finally:
+        writer.close()
+
+    model_dir = save_embedding_model(model.cpu(), bmeta, run_dir / "model",
+                                     source={"backbone": str(cfg.backbone), "steps": step,
+                                             "loss": cfg.loss.name, "run_dir": str(run_dir)})
+    summary = {"steps": step, "final_loss": last_loss, "model_dir": str(model_dir)}
+    if cfg.train.eval_at_end:
+        images = [im for im, _, _ in data.test]
+        labels = np.array([y for _, y, _ in data.test])
+        emb = embed_images(model, build_transform(bmeta["preprocess"]), images)
+        metrics = retrieval_metrics(emb, labels)
+        summary["metrics"] = metrics
+        write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_answerable(labels),
+                                                  "n_classes": int(labels.max() + 1), "split": "test"})
+        w = MetricsWriter(run_dir, tensorboard=False)
+        w.log(step, **{f"test/{k}": v for k, v in metrics.items()})
+        log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="baton finetune", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="YAML config, e.g. configs/demo_softtriple.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 resume=latest")
+    args = p.parse_args(argv)
+    run(load_config(FinetuneConfig, args.config, args.overrides))
+    return 0

@@ -1,0 +1,62 @@
+"""Rebuild an exported image backbone from its handoff (`baton/handoff.py`).
+
+Later stages call `load_backbone(dir)` and get a module mapping normalised images (B, 3, H, W)
+to features (B, meta["embedding_dim"]), plus the metadata (preprocessing included). Builders are
+registered per `meta["library"]`, so another library (timm, for DINO backbones) is one function.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from baton.errors import BatonError
+from baton.handoff import read_handoff
+
+
+def _build_open_clip(meta: dict[str, Any]) -> nn.Module:
+    """The image tower of an open_clip model config, random init (only this tower is built).
+
+    Uses the same builder `open_clip.CLIP.__init__` uses for `model.visual`, so the exported
+    state dict (taken from `model.visual`) loads with strict key matching.
+    """
+    from open_clip.model import _build_vision_tower
+
+    if meta.get("tower", "visual") != "visual":
+        raise BatonError(f"open_clip backbone tower {meta.get('tower')!r} is not supported; only 'visual'")
+    cfg = copy.deepcopy(meta["model_config"])
+    vision_cfg = cfg["vision_cfg"]
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False  # the handoff weights replace them
+    return _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+
+
+BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "open_clip": _build_open_clip,
+}
+
+
+def build_backbone(meta: dict[str, Any]) -> nn.Module:
+    """A randomly initialised backbone described by handoff metadata."""
+    library = meta.get("library")
+    if library not in BUILDERS:
+        raise BatonError(f"backbone library {library!r} is unknown; known: {', '.join(BUILDERS)} "
+                         f"(add a builder to pretrain.backbones.BUILDERS)")
+    for key in ("model_config", "embedding_dim"):
+        if key not in meta:
+            raise BatonError(f"backbone metadata lacks '{key}'; re-export it with `baton export`")
+    return BUILDERS[library](meta)
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(module with the handoff's weights, in eval mode; metadata) from a handoff directory."""
+    state, meta = read_handoff(path)
+    module = build_backbone(meta)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BatonError(f"{path}: weights do not match the architecture in its backbone.json: {e}") from None
+    return module.eval(), meta

@@ -1,0 +1,1 @@
+"""CLIP model building on top of open_clip (see `pretrain.clip.model`)."""

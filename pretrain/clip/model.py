@@ -1,0 +1,117 @@
+"""Build an open_clip CLIP model, its tokenizer and its image transforms from `ModelConfig`.
+
+A model is either an open_clip name (`ViT-B-16`, built by `open_clip.create_model`, optionally
+with pretrained weights) or a literal open_clip config dict (`embed_dim`, `vision_cfg`,
+`text_cfg`), built with `open_clip.CLIP(**config)`. Both paths end in the same full config dict,
+which export writes into the handoff so the image tower can be rebuilt without this run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from baton.errors import BatonError
+from pretrain.config import AugmentConfig, ModelConfig
+
+# CLIP caps the learned temperature at 100 (open_clip_train clamps after every step).
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def model_config_dict(mcfg: ModelConfig) -> dict[str, Any]:
+    """The full open_clip config dict for `mcfg` (a copy: callers may change it)."""
+    import open_clip
+
+    if mcfg.config is not None:
+        if not isinstance(mcfg.config, dict):
+            raise BatonError(f"model.config must be a mapping (an open_clip model config), not {mcfg.config!r}")
+        cfg = copy.deepcopy(dict(mcfg.config))
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+        if missing:
+            raise BatonError(f"model.config lacks {', '.join(missing)}: an open_clip model config needs "
+                             f"embed_dim, vision_cfg and text_cfg (see open_clip/model_configs/*.json)")
+        return cfg
+    cfg = open_clip.get_model_config(mcfg.name)
+    if cfg is None:
+        raise BatonError(f"model.name '{mcfg.name}' is not an open_clip model (e.g. ViT-B-16, ViT-B-32, "
+                         f"RN50; `open_clip.list_models()` lists them) and model.config is not set")
+    return copy.deepcopy(cfg)
+
+
+def build_clip(mcfg: ModelConfig) -> nn.Module:
+    """The CLIP model (random init unless `mcfg.pretrained`), returning dict outputs."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    if mcfg.config is None:
+        try:
+            return open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True)
+        except RuntimeError as e:
+            raise BatonError(f"model.name={mcfg.name} model.pretrained={mcfg.pretrained}: {e}") from None
+    if mcfg.pretrained:
+        raise BatonError("model.pretrained needs a named model: unset model.config, or unset model.pretrained")
+    cfg = model_config_dict(mcfg)
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    try:
+        model = cls(**cfg, output_dict=True)
+    except TypeError as e:
+        raise BatonError(f"model.config is not a valid open_clip config: {e}") from None
+    size = model.visual.image_size
+    open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=size if isinstance(size, int) else size[0])))
+    return model
+
+
+def preprocess_cfg(model: nn.Module) -> dict[str, Any]:
+    """Image size, mean, std and interpolation the model's image tower expects."""
+    import open_clip
+
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp.get("size", 224)
+    return {"image_size": int(size if isinstance(size, int) else size[0]),
+            "mean": [float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
+            "std": [float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
+            "interpolation": pp.get("interpolation", "bicubic")}
+
+
+def build_tokenizer(mcfg: ModelConfig) -> Callable:
+    """open_clip's tokenizer for the model: captions -> LongTensor (n, context_length)."""
+    import open_clip
+
+    if mcfg.config is None:
+        return open_clip.get_tokenizer(mcfg.name)
+    text_cfg = mcfg.config["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        from open_clip.tokenizer import HFTokenizer
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
+    return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+def build_transforms(pp: dict[str, Any], augment: AugmentConfig, image_size: int | None = None):
+    """(train, eval) image transforms: open_clip's RandomResizedCrop + jitter, and a plain resize."""
+    import open_clip
+
+    size = image_size or pp["image_size"]
+    aug = open_clip.AugmentationCfg(
+        scale=tuple(augment.scale),
+        color_jitter=tuple(augment.color_jitter) if augment.color_jitter_prob > 0 else None,
+        color_jitter_prob=augment.color_jitter_prob or None,
+        gray_scale_prob=augment.gray_scale_prob or None)
+    common = dict(mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp["interpolation"])
+    with warnings.catch_warnings():  # open_clip warns that the jitter items it does use are unused
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        train = open_clip.image_transform(size, is_train=True, aug_cfg=aug, **common)
+    evaluate = open_clip.image_transform(size, is_train=False, **common)
+    return train, evaluate
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep the learned temperature in [0, ln 100] after each optimiser step, as CLIP does."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -1,0 +1,81 @@
+"""The pretraining config: dataclasses that `baton.config.load_config` fills from YAML + overrides.
+
+Every key has a default so a YAML file only states what differs; the fully resolved config is
+written to `run_dir/config.yaml` and stored in each checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation, passed to open_clip's `AugmentationCfg` (eval only resizes)."""
+    scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # RandomResizedCrop area (aspect 3/4-4/3)
+    color_jitter: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.1, 0.02])  # b, c, s, hue
+    color_jitter_prob: float = 0.5    # 0 disables colour jitter
+    gray_scale_prob: float = 0.0      # 0 disables random grayscale
+
+
+@dataclass
+class DataConfig:
+    # A directory of *.tar, one .tar, a brace pattern (dir/shard-{000000..000007}.tar) or an fsspec
+    # URL; a URL ending in "/" is a shard directory whose stats.json lists the shards.
+    train_shards: str = "data/emoji/train"
+    num_samples: Optional[int] = None   # samples per epoch; None reads stats.json beside the shards
+    batch_size: int = 64                # per rank
+    workers: int = 2                    # DataLoader worker processes per rank (0 = in-process)
+    image_size: Optional[int] = None    # None: the model's image size
+    shuffle_buffer: int = 500           # samples held for shuffling inside each worker
+    caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-B-16"                    # open_clip model name, or a label when `config` is set
+    # An open_clip model config dict (embed_dim, vision_cfg, text_cfg); when set it is built instead
+    # of a named model. Typed Any, not Dict[str, Any]: baton.config's struct mode rejects the keys
+    # of an empty Dict field, while an Any field takes the whole dict from the YAML file.
+    config: Any = None
+    pretrained: Optional[str] = None          # open_clip pretrained tag or file (named models only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2           # not applied to norms, biases, embeddings, logit_scale
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100             # linear warm-up, then cosine decay to 0
+    grad_clip: Optional[float] = 1.0    # max global grad norm; None disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None     # caps epochs x steps_per_epoch (the schedule follows it)
+    precision: str = "auto"             # auto | fp32 | bf16 (auto: bf16 autocast on capable CUDA)
+    checkpoint_every: int = 500         # steps; a checkpoint is also written at the end
+    keep_last: int = 3                  # checkpoints kept (0 keeps all)
+    log_every: int = 10                 # steps between metrics.jsonl rows
+    device: str = "auto"                # auto | cpu | cuda
+    # torch intra-op threads in each training process (None: torch's default, one per core). On a
+    # small CPU box shared with loader workers or other jobs, 1 avoids OpenMP oversubscription.
+    threads: Optional[int] = None
+    # Stop as if killed right after this global step (no extra checkpoint): lets tests and
+    # time-boxed jobs interrupt deterministically, then continue with resume=latest.
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    seed: int = 0
+    resume: Optional[str] = None        # None | "latest" | a checkpoint path
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
