@@ -10,8 +10,17 @@ BIN    := $(VENV)/bin
 # TORCH_SPEC for another platform (e.g. TORCH_SPEC="torch torchvision").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.baton-installed
+# SEED changes every random choice of the demo (class split, initialisation, order, augmentation);
+# `make demo SEED=1` writes to runs/demo-seed1 and data/emoji-seed1.
+SEED   ?= 0
+ifeq ($(SEED),0)
 DEMO   := runs/demo
 DATA   := data/emoji
+else
+DEMO   := runs/demo-seed$(SEED)
+DATA   := data/emoji-seed$(SEED)
+endif
+RUNARGS := seed=$(SEED) data.root=$(DATA)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
@@ -53,23 +62,25 @@ test-fast: setup
 
 # --- the demo pipeline ----------------------------------------------------------------------
 $(DATA)/stats.json: | setup
-	$(BIN)/baton shards emoji --out $(DATA)
+	$(BIN)/baton shards emoji --seed $(SEED) --out $(DATA)
 
 $(DEMO)/eval_pixels/metrics.json: $(DATA)/stats.json
 	$(BIN)/baton evaluate pixels --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pixels
 
 $(DEMO)/pretrain/export/backbone.json: $(DATA)/stats.json configs/demo_clip.yaml
-	$(BIN)/baton pretrain configs/demo_clip.yaml resume=latest
+	$(BIN)/baton pretrain configs/demo_clip.yaml resume=latest seed=$(SEED) \
+	  data.train_shards=$(DATA)/train run_dir=$(DEMO)/pretrain
 	$(BIN)/baton export $(DEMO)/pretrain $(DEMO)/pretrain/export
 
 $(DEMO)/eval_random/metrics.json: $(DEMO)/pretrain/export/backbone.json
-	$(BIN)/baton evaluate random --like $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_random
+	$(BIN)/baton evaluate random --seed $(SEED) --like $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_random
 
 $(DEMO)/eval_pretrained/metrics.json: $(DEMO)/pretrain/export/backbone.json
 	$(BIN)/baton evaluate $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pretrained
 
 $(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
-	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest
+	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest $(RUNARGS) \
+	  run_dir=$(DEMO)/finetune backbone=$(DEMO)/pretrain/export
 	touch $@
 
 $(DEMO)/eval_finetuned/metrics.json: $(DEMO)/finetune/model/.done
@@ -84,13 +95,15 @@ $(DEMO)/report.md: $(DEMO)/eval_pixels/metrics.json $(DEMO)/eval_random/metrics.
 	  --row "SoftTriple finetuned=$(DEMO)/eval_finetuned" \
 	  --loss-curve pretrain=$(DEMO)/pretrain/metrics.jsonl \
 	  --loss-curve finetune=$(DEMO)/finetune/metrics.jsonl \
-	  --grid $(DEMO)/eval_finetuned/retrieval_grid.png
+	  --grid $(DEMO)/eval_finetuned/retrieval_grid.png \
+	  --expect-increasing "random init,CLIP pretrained,SoftTriple finetuned"
 
 demo: setup $(DEMO)/report.md
 	@cat $(DEMO)/report.md
+	@echo "report: $(DEMO)/report.md"
 
 clean-demo:
-	rm -rf $(DEMO) $(DATA)
+	rm -rf runs/demo runs/demo-seed* data/emoji data/emoji-seed*
 
 clean: clean-demo
 	rm -rf $(VENV) .stamp-system-deps

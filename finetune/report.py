@@ -83,6 +83,18 @@ def plot_loss_curves(curves: list[tuple[str, Path]], out: Path) -> Path | None:
     return out
 
 
+def check_order(rows: list[dict], names: list[str]) -> tuple[bool, str]:
+    """Whether Recall@1 strictly increases along `names` (row names), and a sentence saying so."""
+    by_name = {r["name"]: r for r in rows}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise BatonError(f"--expect-increasing names rows that are not in the table: {', '.join(missing)}")
+    values = [by_name[n]["recall@1"] for n in names]
+    holds = all(a < b for a, b in zip(values, values[1:]))
+    chain = " < ".join(f"{n} ({100 * v:.1f})" for n, v in zip(names, values))
+    return holds, f"Expected Recall@1 ordering {chain}: **{'holds' if holds else 'does NOT hold'}**."
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="baton report", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the markdown file to write, e.g. runs/demo/report.md")
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-curve", action="append", default=[], help="NAME=metrics.jsonl (repeatable)")
     p.add_argument("--grid", help="a retrieval_grid.png to link")
     p.add_argument("--title", default="baton demo: retrieval on held-out classes")
+    p.add_argument("--expect-increasing", help="NAME,NAME,...: rows whose Recall@1 should increase in this "
+                   "order; the report states whether it does (report.json: order_holds)")
     args = p.parse_args(argv)
     if not args.row:
         raise BatonError("baton report needs at least one --row NAME=EVAL_DIR")
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
           table, ""]
     first = rows[0]
     md += [f"{first.get('n_queries', '?')} queries over {first.get('n_classes', '?')} classes.", ""]
+    order_holds = None
+    if args.expect_increasing:
+        order_holds, line = check_order(rows, args.expect_increasing.split(","))
+        md += [line, ""]
     loss_png = plot_loss_curves(curves, out.parent / "loss_curves.png") if curves else None
     if loss_png:
         md += ["## Training loss", "", f"![loss curves]({os.path.relpath(loss_png, out.parent)})", ""]
@@ -117,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(out, "\n".join(md))
     write_json_atomic(out.parent / "report.json",
                       {"rows": rows, "loss_curves": {n: str(pth) for n, pth in curves},
-                       "loss_plot": str(loss_png) if loss_png else None, "grid": grid})
+                       "loss_plot": str(loss_png) if loss_png else None, "grid": grid,
+                       "order_holds": order_holds})
     print(table)
+    if order_holds is not None:
+        print(md[md.index(table) + 4])
     return 0
