@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from baton.errors import BatonError
-from data_prep.sources import SOURCES
+from data_prep.sources import MODULES, SOURCES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,10 +30,12 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="baton shards", description="Write WebDataset shards (key.png|jpg, key.txt, "
-                     "key.json) plus stats.json from an image-text source.")
+                     "key.json) plus stats.json from an image-text source; in parallel (--workers), "
+                     "as a job-array slice (--part i/n), and resumably: a rerun writes only what is missing.")
     sub = parser.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser)
-    for name, module in SOURCES.items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+    for module in MODULES:
+        p = sub.add_parser(module.NAME, aliases=getattr(module, "ALIASES", ()), help=module.HELP,
+                           description=module.HELP)
         module.add_arguments(p)
         for action in p._actions:  # sizes and counts must be >= 1 for every source
             if action.dest in ("size", "shard_size", "max_classes"):
@@ -45,6 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.source is None:
-        raise BatonError(f"baton shards: name a source, one of {', '.join(SOURCES)} "
+        raise BatonError(f"baton shards: name a source, one of {', '.join(m.NAME for m in MODULES)} "
                          f"(e.g. `baton shards emoji --out data/emoji`)")
     return SOURCES[args.source].run(args)

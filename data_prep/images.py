@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -85,17 +86,51 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
 
 
-def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[bytes, str]:
-    """(bytes, 'png'|'jpg') for one image file, checked to decode.
+def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:
+    """Scale down so the longer side is at most `max_side`, keeping the aspect ratio (never up)."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
-    Without `size`, PNG and JPEG keep their original bytes (no generation loss); other formats
-    are re-encoded as PNG. With `size`, the image is resized (shorter side) and encoded as PNG.
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """Baseline JPEG without metadata: equal pixels and quality give equal bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What happens to an image on its way into a shard (`baton shards` options).
+
+    size: shorter side scaled to `size` (up or down); max_side: longer side scaled down to at most
+    `max_side` (never up); min_size: images whose shorter side is below it are skipped as
+    `too_small`; jpeg_quality: re-encode every image as JPEG at this quality. Without any of
+    these, PNG and JPEG keep their original bytes. A re-encoded image is PNG unless jpeg_quality.
     """
-    data = read_bytes(path)
-    img = decode(data, str(path))
-    if size is None and img.format in PASSTHROUGH:
+
+    size: int | None = None
+    max_side: int | None = None
+    min_size: int | None = None
+    jpeg_quality: int | None = None
+
+
+def prepare_image(data: bytes, where: str, opts: ImageOptions = ImageOptions()) -> tuple[bytes, str]:
+    """(bytes, 'png'|'jpg') to store for the encoded image `data`; SkipSample when unusable."""
+    img = decode(data, where)
+    if opts.min_size is not None and min(img.size) < opts.min_size:
+        raise SkipSample("too_small", f"{where}: {img.width}x{img.height} < --min-size {opts.min_size}")
+    resized = opts.size is not None or (opts.max_side is not None and max(img.size) > opts.max_side)
+    if not resized and opts.jpeg_quality is None and img.format in PASSTHROUGH:
         return data, PASSTHROUGH[img.format]
     rgb = on_white(img)
-    if size is not None:
-        rgb = resize_short_side(rgb, size)
+    if opts.size is not None:
+        rgb = resize_short_side(rgb, opts.size)
+    if opts.max_side is not None:
+        rgb = resize_max_side(rgb, opts.max_side)
+    if opts.jpeg_quality is not None:
+        return encode_jpeg(rgb, opts.jpeg_quality), "jpg"
     return encode_png(rgb), "png"

@@ -1,11 +1,13 @@
-"""The one shard writer every source uses: records in, `shard-NNNNNN.tar` + `stats.json` out.
+"""The one shard writer every source uses: samples in, `shard-NNNNNN.tar` + `stats.json` out.
 
-Contract (docs/architecture.md): shards `shard-000000.tar`, ... in one directory, `stats.json`
-beside them with `num_samples`, `shards` [{name, count}], `written` and `skipped` {reason: count}.
-Each shard is written under a temporary name and renamed only when complete, and `stats.json`
-is removed first and written last (atomically), so a directory with a `stats.json` is always a
-complete, consistent set; an interrupted run never leaves a partial `shard-*.tar`.
-Tar headers use a fixed mtime/owner, so the same records always give byte-identical shards.
+Contract (docs/architecture.md): shards `shard-000000.tar`, ... (`shard-000000-000.tar`, ... when
+split by bytes) in one directory, `stats.json` beside them with `num_samples`, `shards`
+[{name, count, bytes}], `written`, `skipped` {reason: count}, `bytes`, `inputs` and (unless
+turned off) `throughput`. Each shard is written under a temporary name and renamed only when
+complete, and `stats.json` is removed first and written last (atomically), so a directory with a
+`stats.json` is always a complete, consistent set; an interrupted run never leaves a partial
+`shard-*.tar`. Tar headers use a fixed mtime/owner, so the same samples give byte-identical
+shards. How inputs are cut into shards, in parallel and resumably: data_prep/job.py.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import hashlib
 import json
 import re
 import sys
-from collections import Counter
+import tarfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 import webdataset as wds
 
-from baton.errors import BatonError
-from baton.io import atomic_path, write_json_atomic
+from baton.io import atomic_path
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 STATS = "stats.json"
@@ -62,7 +64,7 @@ def safe_key(raw: str) -> str:
     return key
 
 
-class _Keys:
+class Keys:
     """Hands out unique safe keys; a repeated key gets a numeric suffix rather than being lost."""
 
     def __init__(self) -> None:
@@ -86,61 +88,97 @@ def _encode(sample: Sample, key: str) -> dict[str, bytes | str]:
             "txt": sample.caption.encode("utf-8"), "json": meta.encode("utf-8")}
 
 
+def tar_entry_bytes(sample: Sample) -> int:
+    """Bytes `sample` adds to a shard: each member's header(s) as tarfile writes them for
+    webdataset.TarWriter (pax records included) plus its data padded to 512 bytes."""
+    total = 0
+    for name, data in _encode(sample, sample.key).items():
+        if name == "__key__":
+            continue
+        ti = tarfile.TarInfo(f"{sample.key}.{name}")
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), TAR_MTIME, 0o444, TAR_USER, TAR_USER
+        total += len(ti.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        total += -(-len(data) // 512) * 512
+    return total
+
+
+def tar_file_bytes(entries: int) -> int:
+    """Size of a tar holding `entries` bytes of members: end blocks, padded to 10240-byte records."""
+    return -(-(entries + 1024) // 10240) * 10240
+
+
+def shard_name(index: int, piece: int | None = None) -> str:
+    """`shard-000007.tar`, or `shard-000007-002.tar` when --shard-max-bytes splits shards."""
+    return SHARD_PATTERN.format(index) if piece is None else f"shard-{index:06d}-{piece:03d}.tar"
+
+
+class ShardFiles:
+    """Writes the samples of input chunk `index` into one shard, or into pieces of at most
+    `max_bytes` (a sample larger than that gets a piece of its own). Each file is written under
+    a temporary name and renamed when complete (baton.io.atomic_path); `shards` lists them."""
+
+    def __init__(self, out: Path, index: int, max_bytes: int | None = None) -> None:
+        self.out, self.index, self.max_bytes = out, index, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._stack: ExitStack | None = None
+        self._tw = None
+        self._count = self._entries = 0
+
+    def add(self, sample: Sample) -> None:
+        size = tar_entry_bytes(sample)
+        if self._tw is not None and self.max_bytes is not None and self._count and \
+                tar_file_bytes(self._entries + size) > self.max_bytes:
+            self._finish()
+        if self._tw is None:
+            self._open()
+        self._tw.write(_encode(sample, sample.key))
+        self._count += 1
+        self._entries += size
+
+    def _open(self) -> None:
+        piece = None if self.max_bytes is None else len(self.shards)
+        name = shard_name(self.index, piece)
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.out / name))
+        f = self._stack.enter_context(open(tmp, "wb"))
+        self._tw = wds.TarWriter(f, user=TAR_USER, group=TAR_USER, encoder=False, mtime=TAR_MTIME)
+        self.shards.append({"name": name, "count": 0, "bytes": 0})
+
+    def _finish(self) -> None:
+        self._tw.close()
+        self._tw = None
+        self._stack.close()  # closes the file, then renames it into place
+        path = self.out / self.shards[-1]["name"]
+        self.shards[-1].update(count=self._count, bytes=path.stat().st_size)
+        self._count = self._entries = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tw is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the unfinished piece (its temporary file); finished pieces stay."""
+        if self._stack is not None and self._tw is not None:
+            self._tw = None
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self.shards.pop()
+
+
 def write_shards(records: Iterable[Sample | Skip], out_dir: str | Path, shard_size: int = 500,
-                 log: TextIO | None = None, max_logged_skips: int = 10) -> dict[str, Any]:
-    """Write `records` as shards in `out_dir`; return (and write) the stats dict.
+                 log: TextIO | None = None, max_logged_skips: int = 10, shard_max_bytes: int | None = None,
+                 timing: bool = True) -> dict[str, Any]:
+    """Write ready `records` (in-memory Samples, Skips) as shards in `out_dir`; return the stats.
 
-    Skips are counted by reason and the first `max_logged_skips` are printed to `log` with the
-    file they concern. Shards of an earlier run that are not part of this one are removed at the
-    end, so globbing `shard-*.tar` and reading stats.json agree.
+    The serial entry point for sources that make their samples themselves (emoji, tests); it runs
+    the same resumable job as `baton shards` (data_prep.job) with one process. `timing=False`
+    leaves the clock out of stats.json so that the output is byte-identical for the same input.
     """
-    if shard_size < 1:
-        raise BatonError(f"--shard-size must be at least 1, got {shard_size}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BatonError(f"output {out} exists and is not a directory; pass a directory with --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATS).unlink(missing_ok=True)  # the directory is incomplete until stats.json is back
+    from data_prep.job import JobLayout, run_job
 
-    keys = _Keys()
-    skipped: Counter[str] = Counter()
-    shards: list[dict[str, Any]] = []
-    it = iter(records)
-
-    def next_sample() -> Sample | None:
-        """The next Sample, counting (and logging the first few) Skips on the way."""
-        for rec in it:
-            if isinstance(rec, Skip):
-                if log is not None and sum(skipped.values()) < max_logged_skips:
-                    print(f"  skipped ({rec.reason}): {rec.where}", file=log)
-                skipped[rec.reason] += 1
-                continue
-            return rec
-        return None
-
-    sample = next_sample()
-    while sample is not None:  # a shard is opened only when there is a sample to put in it
-        name = SHARD_PATTERN.format(len(shards))
-        count = 0
-        with atomic_path(out / name) as tmp:
-            with open(tmp, "wb") as f, wds.TarWriter(f, user=TAR_USER, group=TAR_USER,
-                                                     encoder=False, mtime=TAR_MTIME) as tw:
-                while sample is not None and count < shard_size:
-                    tw.write(_encode(sample, keys.unique(sample.key)))
-                    count += 1
-                    sample = next_sample() if count < shard_size else None
-        shards.append({"name": name, "count": count})
-        if count == shard_size:
-            sample = next_sample()
-
-    keep = {s["name"] for s in shards}
-    for stale in out.glob("shard-*.tar"):
-        if stale.name not in keep:
-            stale.unlink()
-    total = sum(s["count"] for s in shards)
-    stats = {"num_samples": total, "shards": shards, "written": total, "skipped": dict(sorted(skipped.items()))}
-    write_json_atomic(out / STATS, stats)
-    return stats
+    layout = JobLayout(shard_size=shard_size, shard_max_bytes=shard_max_bytes, timing=timing,
+                       max_logged_skips=max_logged_skips)
+    return run_job(lambda: records, out_dir, layout=layout, log=log)
 
 
 def read_stats(out_dir: str | Path) -> dict[str, Any] | None:
@@ -155,15 +193,21 @@ def read_stats(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def summary_table(stats: dict[str, Any], title: str) -> str:
-    """A small human-readable table of what was written and skipped."""
+    """A small human-readable table of what was written and skipped, bytes and throughput."""
     rows = [("shards", str(len(stats["shards"]))), ("written", str(stats["written"]))]
     for reason, n in stats["skipped"].items():
         rows.append((f"skipped: {reason}", str(n)))
     if not stats["skipped"]:
         rows.append(("skipped", "0"))
+    if "bytes" in stats:
+        rows.append(("MB", f"{stats['bytes'] / 1e6:.2f}"))
+    if "throughput" in stats:
+        t = stats["throughput"]
+        rows += [("written this run", str(t["samples"])), ("seconds", f"{t['seconds']:.2f}"),
+                 ("samples/s", f"{t['samples_per_s']:.1f}")]
     width = max(len(r[0]) for r in rows)
     lines = [title, "-" * max(len(title), width + 10)]
-    lines += [f"{k:<{width}}  {v:>7}" for k, v in rows]
+    lines += [f"{k:<{width}}  {v:>8}" for k, v in rows]
     return "\n".join(lines)
 
 

@@ -63,9 +63,12 @@ def test_folder_round_trip_keeps_bytes_and_counts_skips(image_tree, tmp_path, ca
     assert baton_main(["shards", "folder", str(root), "--out", str(out), "--shard-size", "3"]) == 0
     samples = read_shards(out)
     stats = json.loads((out / "stats.json").read_text())
-    assert set(stats) == {"num_samples", "shards", "written", "skipped"}
-    assert stats["num_samples"] == 4
-    assert [s["count"] for s in stats["shards"]] == [3, 1]
+    assert set(stats) == {"num_samples", "shards", "written", "skipped", "bytes", "inputs", "plan", "throughput"}
+    assert stats["num_samples"] == 4 and stats["inputs"] == 8
+    # shard k holds inputs [3k, 3k+3) of the 6 image files (sorted): notes deep truncated | x.y a b
+    assert [s["count"] for s in stats["shards"]] == [1, 3]
+    assert stats["bytes"] == sum((out / s["name"]).stat().st_size for s in stats["shards"])
+    assert stats["throughput"]["samples"] == 4
     assert stats["skipped"] == {"undecodable_image": 2, "not_an_image_extension": 1, "outside_class_folder": 1}
     by_source = {json.loads(s["json"])["source"]: s for s in samples.values()}
     for (cls, name), data in good.items():
@@ -166,7 +169,7 @@ def test_writer_exception_leaves_no_partial_shard(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Boom):
         write_shards(_records(10, fail_after=5), out, shard_size=3)
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != "_progress")
     assert names == ["shard-000000.tar"]  # the complete shard only: no partial, no temp, no stats
     assert len(list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))) == 3
 

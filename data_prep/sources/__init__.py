@@ -1,6 +1,6 @@
 """Source registry: `baton shards NAME ...` runs SOURCES[NAME].
 
-Each source module has NAME, HELP, `add_arguments(parser)`, `run(args) -> int`, and an
+Each source module has NAME (and optionally ALIASES), HELP, `add_arguments(parser)`, `run(args) -> int`, and an
 `iter_records(...)` generator of `data_prep.writer.Sample` / `Skip` that `run` feeds to the
 shared writer. Add a source by writing one module here and listing it below.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_prep.sources import emoji, folder, table
+from data_prep.sources import emoji, folder, img2dataset, table
 
-SOURCES: dict[str, ModuleType] = {m.NAME: m for m in (emoji, folder, table)}
+MODULES: tuple[ModuleType, ...] = (emoji, folder, table, img2dataset)
+SOURCES: dict[str, ModuleType] = {name: m for m in MODULES for name in (m.NAME, *getattr(m, "ALIASES", ()))}

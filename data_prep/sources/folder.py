@@ -2,19 +2,21 @@
 
 The class is the top-level folder name and the caption is that name with underscores as spaces,
 the layout of ImageFolder-style datasets (CUB, Cars, SOP exports). Files are visited in sorted
-order so the same tree always gives the same shards.
+order so the same tree always gives the same shards. Files without an image extension are
+skipped while planning; everything else is read and checked by the shard workers.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Iterator
 
 from baton.errors import BatonError
-from data_prep.images import IMAGE_EXTENSIONS, SkipSample, load_image
-from data_prep.writer import Sample, Skip, print_summary, write_shards
+from data_prep import options
+from data_prep.images import IMAGE_EXTENSIONS
+from data_prep.items import Item
+from data_prep.writer import Skip
 
 NAME = "folder"
 HELP = "ROOT/<class name>/<images>: caption = class name (underscores as spaces)"
@@ -32,8 +34,8 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def iter_records(root: str | Path, size: int | None = None) -> Iterator[Sample | Skip]:
-    """One Sample per decodable image; Skip for files that are not images or do not decode."""
+def iter_records(root: str | Path) -> Iterator[Item | Skip]:
+    """One Item per file with an image extension; Skip for the other files."""
     root = Path(root)
     folders = class_folders(root)
     for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -49,29 +51,18 @@ def iter_records(root: str | Path, size: int | None = None) -> Iterator[Sample |
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 yield Skip("not_an_image_extension", rel)
                 continue
-            try:
-                data, ext = load_image(path, size)
-            except SkipSample as e:
-                yield Skip(e.reason, e.detail or rel)
-                continue
-            yield Sample(key=f"{class_name}_{path.relative_to(folder).with_suffix('').as_posix()}",
-                         image=data, ext=ext, caption=caption,
-                         meta={"class": class_name, "source": rel, "captions": []})
+            yield Item(key=f"{class_name}_{path.relative_to(folder).with_suffix('').as_posix()}",
+                       caption=caption, source=str(path),
+                       meta={"class": class_name, "source": rel, "captions": []})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="folder with one sub-folder of images per class")
-    p.add_argument("--out", required=True, help="output shard directory")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--size", type=int, default=None,
-                   help="resize so the shorter side is SIZE and store PNG (default: keep original bytes)")
+    options.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.root)
     class_folders(root)  # fail early, before touching --out, on a wrong ROOT
-    stats = write_shards(iter_records(root, args.size), args.out, args.shard_size, log=sys.stdout)
-    print_summary(stats, f"folder {root} -> {args.out}")
-    if stats["written"] == 0:
-        raise BatonError(f"no decodable images under {root}; nothing was written (see the skipped counts)")
+    options.run_source(lambda: iter_records(root), args, f"folder {root} -> {args.out}", f"{root}")
     return 0

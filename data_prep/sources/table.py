@@ -1,8 +1,10 @@
-"""Table source: a CSV or TSV with an image-path column and a caption column.
+"""Table source: a CSV, TSV or parquet table with an image column and a caption column.
 
-Image paths are relative to the table's own directory (absolute paths are used as given), so a
-table and its images can be moved together. Every other column is kept in the sample's json;
-a `class` column, when present, is the class, otherwise the caption is (one class per caption).
+The image column holds paths or http(s) URLs (fetched by the shard workers through fsspec, see
+data_prep.fetch). Paths are relative to the table's own directory (absolute paths are used as
+given), so a table and its images can be moved together. Every other column is kept in the
+sample's json; a `class` column, when present, is the class, otherwise the caption is.
+Parquet is read with pyarrow in record batches, so a large table is not held in memory twice.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
-from pathlib import Path
-from typing import Iterator
+import math
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from baton.errors import BatonError
-from data_prep.images import SkipSample, load_image
-from data_prep.writer import Sample, Skip, print_summary, write_shards
+from data_prep import options
+from data_prep.fetch import is_url
+from data_prep.items import Item
+from data_prep.writer import Skip
 
-NAME = "csv"
-HELP = "CSV/TSV table of image paths and captions; other columns kept in json"
+NAME = "table"
+ALIASES = ("csv", "parquet")
+HELP = "CSV/TSV/parquet table of image paths or URLs and captions; other columns kept in json"
+PARQUET_SUFFIXES = (".parquet", ".pq")
 _SEPARATORS = {"auto": None, "comma": ",", "tab": "\t", "\\t": "\t", "semicolon": ";", "pipe": "|"}
 
 
@@ -63,10 +70,53 @@ def read_table(path: Path, sep: str = "auto") -> tuple[list[str], list[dict[str,
     return header, rows
 
 
+def _json_value(v: Any) -> Any:
+    """A parquet cell as a JSON value (dates, decimals, bytes as text; NaN as null)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return None if math.isnan(v) else v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return str(v)
+
+
+def iter_parquet(path: Path, columns: tuple[str, str]) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    """(header, rows) of a parquet file, read in record batches."""
+    if not path.is_file():
+        raise BatonError(f"table not found: {path} (pass a .csv, .tsv or .parquet file)")
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+    except ImportError:
+        raise BatonError("parquet tables need pyarrow: pip install pyarrow") from None
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise BatonError(f"{path}: not a readable parquet file ({e})") from None
+    header = list(pf.schema_arrow.names)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for batch in pf.iter_batches(batch_size=65536):
+            for row in batch.to_pylist():
+                yield {k: _json_value(v) for k, v in row.items()}
+    return header, rows()
+
+
+def _stem(image: str) -> str:
+    return PurePosixPath(urlparse(image).path).stem if is_url(image) else Path(image).stem
+
+
 def iter_records(path: str | Path, image_col: str = "image", caption_col: str = "caption",
-                 sep: str = "auto", size: int | None = None) -> Iterator[Sample | Skip]:
+                 sep: str = "auto") -> Iterator[Item | Skip]:
     path = Path(path)
-    header, rows = read_table(path, sep)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        header, rows = iter_parquet(path, (image_col, caption_col))
+    else:
+        header, rows = read_table(path, sep)
     for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
         if col not in header:
             raise BatonError(f"{path}: no column '{col}' (columns: {', '.join(header)}); "
@@ -74,49 +124,37 @@ def iter_records(path: str | Path, image_col: str = "image", caption_col: str = 
     base = path.parent
     for i, row in enumerate(rows):
         line = f"{path.name} row {i + 2}"  # +1 for the header, +1 for 1-based line numbers
-        image, caption = (row.get(image_col) or "").strip(), (row.get(caption_col) or "").strip()
+        image = str(row.get(image_col) or "").strip()
+        caption = str(row.get(caption_col) or "").strip()
         if not image:
             yield Skip("missing_image_path", line)
             continue
         if not caption:
             yield Skip("empty_caption", line)
             continue
-        img_path = Path(image) if Path(image).is_absolute() else base / image
-        try:
-            data, ext = load_image(img_path, size)
-        except SkipSample as e:
-            yield Skip(e.reason, f"{line}: {e.detail or img_path}")
-            continue
+        if is_url(image) or Path(image).is_absolute():
+            source = image
+        else:
+            source = str(base / image)
         extra = {k: v for k, v in row.items() if k is not None and k not in (image_col, caption_col)}
         meta = {"captions": [], **extra, "source": image}
         meta["class"] = extra.get("class") or caption
-        yield Sample(key=f"{i:07d}_{Path(image).stem}", image=data, ext=ext, caption=caption, meta=meta)
+        yield Item(key=f"{i:07d}_{_stem(image)}", caption=caption, meta=meta, source=source)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="CSV or TSV table with a header row")
-    p.add_argument("--out", required=True, help="output shard directory")
-    p.add_argument("--image-col", default="image", help="column with image paths (default: image)")
+    p.add_argument("file", metavar="FILE", help="CSV, TSV or parquet table with image and caption columns")
+    p.add_argument("--image-col", default="image", help="column with image paths or URLs (default: image)")
     p.add_argument("--caption-col", default="caption", help="column with captions (default: caption)")
     p.add_argument("--sep", default="auto",
-                   help="separator: auto (by extension, else sniffed), comma, tab, semicolon, pipe or a character")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--size", type=int, default=None,
-                   help="resize so the shorter side is SIZE and store PNG (default: keep original bytes)")
+                   help="CSV separator: auto (by extension, else sniffed), comma, tab, semicolon, pipe or a character")
+    options.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    records = iter_records(path, args.image_col, args.caption_col, args.sep, args.size)
-    first = next(records, None)  # table and column errors surface here, before --out is touched
-    stats = write_shards(_chain(first, records), args.out, args.shard_size, log=sys.stdout)
-    print_summary(stats, f"table {path} -> {args.out}")
-    if stats["written"] == 0:
-        raise BatonError(f"no usable rows in {path}; nothing was written (see the skipped counts)")
+    records = iter_records(path, args.image_col, args.caption_col, args.sep)
+    next(records, None)  # table and column errors surface here, before --out is touched
+    options.run_source(lambda: iter_records(path, args.image_col, args.caption_col, args.sep), args,
+                       f"table {path} -> {args.out}", str(path))
     return 0
-
-
-def _chain(first, rest):
-    if first is not None:
-        yield first
-    yield from rest
