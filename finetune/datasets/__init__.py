@@ -1,10 +1,12 @@
 """Labelled image datasets for metric learning, by config name (`data.source`).
 
 A loader takes (root, seed) and returns a `Split`: `train` and `test` lists of
-`(PIL image, label, class name)`. Test classes are disjoint from train classes (retrieval is
+`(image, label, class name)`, where the image is a PIL image or, for the published benchmarks
+(CUB200, CARS196, SOP: tens of thousands of full-size photos), the Path of its file, decoded only
+when used (`load_image`). Test classes are disjoint from train classes (retrieval is
 measured on classes never trained on), and labels are contiguous 0..n-1 within each split, in
 sorted class-name order, so a split's labels index a classifier/proxy table directly.
-Everything is held in memory: the DML datasets used here are thousands of small images.
+The small datasets (emoji shards, class folders) are held in memory as decoded images.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from PIL import Image
 
 from baton.errors import BatonError
 
-Item = tuple[Image.Image, int, str]
+Item = tuple["Image.Image | Path", int, str]
 
 
 @dataclass
@@ -42,21 +44,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def label_items(pairs: list[tuple[Image.Image, str]]) -> list[Item]:
+def load_image(image: "Image.Image | Path | str") -> Image.Image:
+    """A PIL image as is; a path decoded to RGB (a BatonError naming the file if it cannot be)."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as f:
+            f.load()
+            return to_rgb(f)
+    except (OSError, ValueError) as e:
+        raise BatonError(f"{image}: cannot decode image ({e}); remove or replace it") from None
+
+
+def label_items(pairs: list[tuple["Image.Image | Path", str]]) -> list[Item]:
     """Give each class name a contiguous label (sorted name order)."""
     names = sorted({c for _, c in pairs})
     index = {c: i for i, c in enumerate(names)}
     return [(img, index[c], c) for img, c in pairs]
 
 
+def label_by_id(rows: list[tuple[Path, int, str]]) -> list[Item]:
+    """(path, class id, class name) rows -> items with labels contiguous in class-id order (the
+    published benchmarks number their classes; names need not be unique, e.g. SOP super-classes)."""
+    index = {cid: i for i, cid in enumerate(sorted({cid for _, cid, _ in rows}))}
+    return [(path, index[cid], name) for path, cid, name in rows]
+
+
+def read_table(path: Path, columns: int, header: bool = False) -> list[list[str]]:
+    """Whitespace-separated rows with at least `columns` fields (the benchmarks' .txt files)."""
+    if not path.is_file():
+        raise BatonError(f"{path} is missing: expected the dataset's published layout there")
+    rows = [ln.split() for ln in path.read_text().splitlines()[1 if header else 0:] if ln.strip()]
+    bad = [i for i, r in enumerate(rows) if len(r) < columns]
+    if bad:
+        raise BatonError(f"{path}: line {bad[0] + 1 + header} has fewer than {columns} fields")
+    return rows
+
+
 def _loaders() -> dict[str, Callable[[Path, int], Split]]:
+    from finetune.datasets.cars196 import load_cars196
+    from finetune.datasets.cub200 import load_cub200
     from finetune.datasets.folder import load_folder
     from finetune.datasets.shards import load_shards
+    from finetune.datasets.sop import load_sop
 
-    return {"shards": load_shards, "folder": load_folder}
+    return {"shards": load_shards, "folder": load_folder, "cub200": load_cub200, "cars196": load_cars196,
+            "sop": load_sop}
 
 
-DATASETS = ("shards", "folder")
+DATASETS = ("shards", "folder", "cub200", "cars196", "sop")
 
 
 def load_dataset(source: str, root: str | Path, seed: int = 0) -> Split:
