@@ -22,14 +22,19 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     # A directory of *.tar, one .tar, a brace pattern (dir/shard-{000000..000007}.tar) or an fsspec
-    # URL; a URL ending in "/" is a shard directory whose stats.json lists the shards.
-    train_shards: str = "data/emoji/train"
-    num_samples: Optional[int] = None   # samples per epoch; None reads stats.json beside the shards
+    # URL; a URL ending in "/" is a shard directory whose stats.json lists the shards. Or a list of
+    # such sources mixed with upsampling weights: [{url: ..., weight: 2.0}, ...] (Any: str or list).
+    train_shards: Any = "data/emoji/train"
+    # resampled: shards drawn with replacement, seeded per epoch (never runs dry);
+    # epoch_exact: each shard once per epoch (x its weight), split by rank and by worker.
+    mode: str = "resampled"
+    num_samples: Optional[int] = None   # samples per epoch; None: sum of weight x samples from stats.json
     batch_size: int = 64                # per rank
     workers: int = 2                    # DataLoader worker processes per rank (0 = in-process)
     image_size: Optional[int] = None    # None: the model's image size
     shuffle_buffer: int = 500           # samples held for shuffling inside each worker
     caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
+    log_skipped_every_s: float = 60.0   # at most one log line per this many seconds about skipped samples
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -5,19 +5,20 @@ open_clip's `ClipLoss` with local logits and gathered features (gradients flow t
 gather), so N ranks x B samples give the gradients of one N*B batch.
 
 Resuming (`resume=latest` or a checkpoint path) is exact: the checkpoint holds model, optimiser,
-scheduler, step and RNG states, and `pretrain.data` makes each epoch's batches a pure function
-of (seed, epoch, rank), so the resumed run rebuilds the epoch's loader and skips what it trained.
+scheduler, step and RNG states, and every rank's loader position (`pretrain.data.TrainLoader`:
+epoch, batch, each worker's place in its stream, skipped-sample counts), so the resumed run sees
+exactly the samples the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -26,13 +27,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from baton.config import load_config, to_yaml
-from baton.distributed import DistInfo, barrier, destroy, init_distributed
+from baton.distributed import DistInfo, all_gather_object, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, clamp_logit_scale, preprocess_cfg
 from pretrain.config import OptimConfig, PretrainConfig
-from pretrain.data import SampleToPair, make_loader, resolve_shards, steps_per_epoch
+from pretrain.data import SampleToPair, TrainLoader, resolve_sources, steps_per_epoch
 
 USAGE = "usage: baton pretrain CONFIG [key=value ...]   e.g. baton pretrain configs/demo_clip.yaml train.epochs=2"
 
@@ -118,15 +119,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore(cfg: PretrainConfig, model, optimizer, scheduler, log) -> int:
-    """Load the checkpoint named by `cfg.resume` into the objects; return the step to continue from."""
+def restore(cfg: PretrainConfig, model, optimizer, scheduler, log) -> tuple[int, dict | None]:
+    """Load the checkpoint named by `cfg.resume` into the objects; return the step to continue from
+    and the saved loader state (None if there is none)."""
     if cfg.resume is None:
-        return 0
+        return 0, None
     if cfg.resume == "latest":
         found = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
         if found is None:
             log.info("resume=latest: no checkpoint in %s yet, starting from step 0", cfg.run_dir)
-            return 0
+            return 0, None
         path = found
     else:
         path = cfg.resume
@@ -136,14 +138,16 @@ def restore(cfg: PretrainConfig, model, optimizer, scheduler, log) -> int:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     log.info("resumed from %s (step %d)", meta["path"], state["step"])
-    return int(state["step"])
+    return int(state["step"]), state.get("loader")
 
 
 # ---------------------------------------------------------------- the run
 
-def train(cfg: PretrainConfig) -> int:
-    shards = resolve_shards(cfg.data.train_shards)  # fails fast, naming a missing shard
+def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] = None) -> int:
+    """Run (or resume) pretraining. `on_batch(step, sample_keys)`, if given, is called after each step."""
+    shards = resolve_sources(cfg.data.train_shards)  # fails fast, naming a missing shard
     info = init_distributed(cfg.train.device)
+    shards.check_enough_shards(cfg.data.mode, info.world_size, cfg.data.workers)
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, info.rank)
     num_samples = cfg.data.num_samples or shards.num_samples
@@ -165,7 +169,12 @@ def train(cfg: PretrainConfig) -> int:
     to_pair = SampleToPair(build_transforms(pp, cfg.data.augment)[0], build_tokenizer(cfg.model), cfg.data.caption)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim.warmup_steps, total)
-    step = restore(cfg, model, optimizer, scheduler, log)
+    step, loader_state = restore(cfg, model, optimizer, scheduler, log)
+    loader = TrainLoader(shards, cfg.data, to_pair, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                         steps=spe)
+    if step:
+        saved_ranks = (loader_state or {}).get("ranks") or []
+        loader.load_state_dict(saved_ranks[info.rank] if len(saved_ranks) == info.world_size else None, step)
     if info.is_main:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     log.info("%d shards, %d samples, %d steps/epoch x %d ranks, %d steps in all, %.2f M parameters",
@@ -184,17 +193,21 @@ def train(cfg: PretrainConfig) -> int:
     stop_at = min(total, cfg.train.stop_after_steps or total)
 
     def checkpoint() -> None:
+        ranks = all_gather_object(loader.state_dict())  # every rank's data position (a collective)
         if info.is_main:
+            skipped = Counter()
+            for r in ranks:
+                skipped.update(r["skipped"])
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                     "rng": rng_state(), "config": to_yaml(cfg)}
+                     "rng": rng_state(), "config": to_yaml(cfg),
+                     "loader": {"ranks": ranks, "skipped": dict(skipped)}}
             save_checkpoint(run_dir / "checkpoints", step, state, keep_last=cfg.train.keep_last,
                             meta={"epoch": epoch, "method": "clip", "model": cfg.model.name})
 
     with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
         while step < total:
-            loader = make_loader(shards, cfg.data, to_pair, seed=cfg.seed, epoch=epoch, rank=info.rank, steps=spe)
-            for images, texts in itertools.islice(loader, step - epoch * spe, spe):  # skip what was trained
+            for images, texts, keys in loader.epoch_batches():  # the rest of the loader's current epoch
                 lr = optimizer.param_groups[0]["lr"]
                 loss = train_step(net, images.to(info.device), texts.to(info.device), loss_fn, optimizer,
                                   autocast, cfg.optim.grad_clip)
@@ -202,6 +215,8 @@ def train(cfg: PretrainConfig) -> int:
                 clamp_logit_scale(model)
                 step += 1
                 progress.update(1)
+                if on_batch is not None:
+                    on_batch(step, keys)
                 if step % cfg.train.log_every == 0 or step == total:
                     seconds, done = time.perf_counter() - window[0], step - window[1]
                     row = dict(loss=loss.item(), lr=lr, logit_scale=model.logit_scale.exp().item(),
@@ -215,7 +230,6 @@ def train(cfg: PretrainConfig) -> int:
                     checkpoint()
                 if step >= stop_at:
                     break
-            del loader
             if step >= stop_at:
                 break
             epoch += 1

@@ -1,0 +1,130 @@
+"""Loader throughput: baton's loader vs a bare webdataset pipeline vs the decode limit, one run.
+
+All three do the same work per sample: decode the PNG/JPEG with PIL, convert to RGB, resize to
+SIZE x SIZE, to tensor, normalise (CLIP mean/std); captions go through the same trivial
+tokenizer (tokenisation is not what is measured). Same shards, same worker count, same batch
+size and shuffle buffer:
+
+- baton:      `pretrain.data.make_loader` (epoch-exact and resampled), one epoch of N // B batches;
+- webdataset: wds.WebDataset(urls, shardshuffle, split_by_worker).shuffle().decode("pil")
+              .to_tuple().map_tuple().batched() in a DataLoader;
+- decode limit: the same images already in memory, decoded and transformed in a plain loop in
+              one process; samples/s x workers (perfect scaling, no I/O, no IPC).
+
+Each is run `--repeats` times, interleaved; the best run counts (the machine may be shared).
+
+    python benchmarks/loader.py [--shards data/emoji/train] [--workers 2] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pretrain.config import DataConfig  # noqa: E402
+from pretrain.data import SampleToPair, make_loader, resolve_sources, steps_per_epoch  # noqa: E402
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def tokenize(texts):
+    return torch.zeros(len(texts), 16, dtype=torch.long)
+
+
+def make_transform(size: int):
+    return transforms.Compose([transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def run_baton(shards: str, mode: str, workers: int, batch: int, buffer: int, size: int) -> tuple[int, float]:
+    sources = resolve_sources(shards)
+    dcfg = DataConfig(train_shards=shards, mode=mode, workers=workers, batch_size=batch, shuffle_buffer=buffer)
+    steps = steps_per_epoch(sources.num_samples, batch, 1)
+    to_pair = SampleToPair(make_transform(size), tokenize, "txt")
+    start, n = time.perf_counter(), 0
+    for images, _, _ in make_loader(sources, dcfg, to_pair, seed=0, epoch=0, rank=0, steps=steps):
+        n += images.shape[0]
+    return n, time.perf_counter() - start
+
+
+def run_webdataset(shards: str, workers: int, batch: int, buffer: int, size: int) -> tuple[int, float]:
+    urls = resolve_sources(shards).urls
+    transform = make_transform(size)
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.single_node_only,
+                              workersplitter=wds.split_by_worker, seed=0)
+               .shuffle(buffer).decode("pil").to_tuple("png;jpg;jpeg;webp", "txt")
+               .map_tuple(transform, lambda t: tokenize([t])[0]).batched(batch, partial=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None)
+    start, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += images.shape[0]
+    return n, time.perf_counter() - start
+
+
+def load_images(shards: str) -> list[bytes]:
+    out = []
+    for url in resolve_sources(shards).urls:
+        with tarfile.open(url) as t:
+            out += [t.extractfile(m).read() for m in t.getmembers() if m.name.lower().endswith(IMAGE_EXTS)]
+    return out
+
+
+def run_decode_limit(images: list[bytes], size: int) -> tuple[int, float]:
+    transform = make_transform(size)
+    start = time.perf_counter()
+    for data in images:
+        transform(Image.open(io.BytesIO(data)).convert("RGB"))
+    return len(images), time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", default="data/emoji/train")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--shuffle-buffer", type=int, default=500)
+    ap.add_argument("--size", type=int, default=64, help="resize target (px)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not Path(args.shards).exists():
+        print(f"no shards at {args.shards}: run `baton shards emoji --out data/emoji` (or make demo) first")
+        return 2
+    torch.set_num_threads(1)
+    images = load_images(args.shards)
+    common = (args.workers, args.batch_size, args.shuffle_buffer, args.size)
+    runs = {"baton epoch_exact": lambda: run_baton(args.shards, "epoch_exact", *common),
+            "baton resampled": lambda: run_baton(args.shards, "resampled", *common),
+            "bare webdataset": lambda: run_webdataset(args.shards, *common),
+            "decode limit (1 process)": lambda: run_decode_limit(images, args.size)}
+    best: dict[str, float] = {}
+    for r in range(args.repeats):
+        for name, fn in runs.items():
+            n, seconds = fn()
+            rate = n / seconds
+            best[name] = max(best.get(name, 0.0), rate)
+            print(f"  run {r + 1} {name:<26} {n:>6} samples {seconds:6.2f} s {rate:8.1f} samples/s", flush=True)
+    limit = best.pop("decode limit (1 process)") * args.workers
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
+          f"{args.workers} workers, batch {args.batch_size}, {len(images)} images -> {args.size}px, best of "
+          f"{args.repeats}")
+    print(f"{'loader':<26} {'samples/s':>10} {'vs webdataset':>14} {'vs decode limit':>16}")
+    for name, rate in [*best.items(), (f"decode limit (x{args.workers})", limit)]:
+        print(f"{name:<26} {rate:>10.1f} {rate / best['bare webdataset']:>13.2f}x {rate / limit:>15.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The training loader: every rank yields the same number of batches, and its position can be saved.
+
+Why it is built like this:
+- Each DataLoader worker serves a *logical* worker l of the epoch: batch i of a rank comes from
+  logical worker i mod W (the DataLoader hands out worker batches round-robin), and l's stream is
+  a pure function of (seed, epoch, rank, l): its shard sequence, shuffle buffer and per-sample
+  augmentation seeds. Worker l yields exactly its share of the epoch's `steps` batches (shard
+  sequences never run dry: resampled draws forever, epoch-exact starts its shards again if they
+  hold too few samples), so all ranks run the same number of steps and DDP never waits forever.
+- Every batch carries its worker's `Tally` (samples taken from the shuffle buffer, skips by reason,
+  unreadable shards) as of that batch. The main process keeps the latest tally per logical worker:
+  that, with the epoch and the batches consumed, is the loader's state (prefetched batches are not
+  in it). Resuming rebuilds each worker's stream, replays its shards and shuffle buffer without
+  decoding, drops the samples it had consumed, and goes on: exactly the samples of an
+  uninterrupted run. A resumed DataLoader starts its round-robin at physical worker 0, so
+  physical worker p serves logical worker (p + batches consumed) mod W.
+- Skipped-sample counts are logged at a bounded rate and saved in the checkpoint with the position.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections import Counter
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from webdataset.utils import make_seed
+
+from baton.errors import BatonError
+from pretrain.config import DataConfig
+from pretrain.data.samples import Rejected, SampleToPair, Tally, group_samples, shard_files
+from pretrain.data.sources import ShardList, Sources
+
+MAX_REJECT_RUN = 10_000   # consecutive skips with no usable sample: the data is broken, stop with an error
+log = logging.getLogger("baton.data")
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    steps = num_samples // (batch_size * world_size)
+    if steps < 1:
+        raise BatonError(f"data.num_samples={num_samples} is less than one global batch "
+                         f"(data.batch_size={batch_size} x {world_size} ranks); lower data.batch_size")
+    return steps
+
+
+def _share(logical: int, start: int, steps: int, workers: int) -> int:
+    """Batches of [start, steps) that logical worker `logical` serves (those with i mod workers == it)."""
+    return len(range(start + (logical - start) % workers, steps, workers))
+
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """One rank's batches of one epoch from batch `start` on; (images, texts, meta) per batch."""
+
+    def __init__(self, sources: Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, epoch: int,
+                 rank: int, world_size: int, steps: int, start: int = 0, states: list[dict | None] | None = None):
+        super().__init__()
+        self.sources, self.dcfg, self.to_pair = sources, dcfg, to_pair
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.steps, self.start = steps, start
+        self.workers = max(1, dcfg.workers)
+        self.states = states or [None] * self.workers
+
+    def _passes(self, logical: int, where: str) -> Iterator[Iterator[tuple[int, str]]]:
+        """Passes over this reader's shards, each a run of (position, url): resampled mode has one
+        endless pass of seeded draws; epoch-exact mode reads its share of the epoch's shards, and
+        again (reshuffled) if they hold fewer samples than its share of batches."""
+        if self.dcfg.mode == "resampled":
+            urls = [u for s in self.sources.sources for u in s.urls]
+            weights = [s.weight for s in self.sources.sources for _ in s.urls]
+            rng = random.Random(make_seed(self.seed, self.epoch, self.rank, logical))
+            yield ((n, rng.choices(urls, weights)[0]) for n in itertools.count())
+            return
+        mine = self.sources.epoch_shards(self.seed, self.epoch)[self.rank::self.world_size][logical::self.workers]
+        if not mine:  # check_enough_shards prevents this before training starts
+            raise BatonError(f"{where}: no shards for this reader; see data.mode=epoch_exact's shard check")
+        for again in itertools.count():
+            if again == 1:
+                log.warning("%s: read its %d shards and starts them again to fill its share of the epoch "
+                            "(data.num_samples is more than these shards hold)", where, len(mine))
+            order = mine if again == 0 else random.Random(make_seed(self.seed, self.epoch, self.rank, logical,
+                                                                    again)).sample(mine, len(mine))
+            yield iter(enumerate(order, start=again * len(mine)))
+
+    def _samples(self, logical: int, tally: Tally) -> Iterator[dict]:
+        """Raw samples in training order: each pass grouped and shuffled on its own (the buffer never
+        mixes two passes, so epoch-exact mode reads each shard once before any shard twice)."""
+        limit = 2 * len(set(self.sources.urls)) + 16
+        buffer = self.dcfg.shuffle_buffer
+        for p, shards in enumerate(self._passes(logical, tally.where)):
+            samples = group_samples(shard_files(shards, tally, limit))
+            if buffer > 1:
+                rng = random.Random(make_seed(self.seed, self.epoch, self.rank, logical, 1, p))
+                samples = wds.shuffle(buffer, min(100, buffer), rng=rng)(samples)
+            yield from samples
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.start) % self.workers
+        quota = _share(logical, self.start, self.steps, self.workers)
+        if quota == 0:
+            return
+        where = f"rank {self.rank} worker {logical}"
+        tally = Tally(self.states[logical], where)
+        base = make_seed(self.seed, self.epoch)
+        samples = itertools.islice(self._samples(logical, tally), tally.consumed, None)  # resume: no decoding
+        images, texts, keys = [], [], []
+        for sample in samples:
+            index = tally.consumed
+            tally.consumed += 1
+            try:
+                image, text = self.to_pair(sample, make_seed(base, self.rank * 1000 + logical, index))
+            except Rejected as r:
+                tally.reject(r.reason, sample["__key__"], sample["__url__"], r.detail)
+                tally.reject_run += 1
+                if tally.reject_run >= MAX_REJECT_RUN:
+                    raise BatonError(f"{where}: {tally.reject_run} samples in a row were unusable "
+                                     f"({dict(tally.rejected)}), e.g. {sample['__key__']} in {sample['__url__']}; "
+                                     f"fix or rewrite the shards (`baton shards`)") from None
+                continue
+            tally.reject_run = 0
+            images.append(image)
+            texts.append(text)
+            keys.append(sample["__key__"])
+            if len(images) == self.dcfg.batch_size:
+                yield torch.stack(images), torch.stack(texts), {"worker": logical, "keys": keys,
+                                                                "state": tally.state()}
+                images, texts, keys = [], [], []
+                quota -= 1
+                if quota == 0:
+                    return
+
+
+def _loader(stream: EpochStream) -> torch.utils.data.DataLoader:
+    workers = max(0, stream.dcfg.workers)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
+
+
+def make_loader(shards: ShardList | Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, epoch: int,
+                rank: int, steps: int, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader of one whole epoch: (images, texts, meta) batches, `steps` of them."""
+    sources = shards if isinstance(shards, Sources) else Sources([shards])
+    return _loader(EpochStream(sources, dcfg, to_pair, seed=seed, epoch=epoch, rank=rank,
+                               world_size=world_size, steps=steps))
+
+
+class TrainLoader:
+    """One rank's batches epoch after epoch, with a position that `state_dict` saves and restores."""
+
+    def __init__(self, sources: Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, rank: int,
+                 world_size: int, steps: int):
+        self.sources, self.dcfg, self.to_pair = sources, dcfg, to_pair
+        self.seed, self.rank, self.world_size, self.steps = seed, rank, world_size, steps
+        self.workers = max(1, dcfg.workers)
+        self.epoch, self.batch = 0, 0
+        self.states: list[dict | None] = [None] * self.workers
+        self.past = Counter()       # skips in finished epochs
+        self._logged = (time.monotonic(), 0)
+
+    def _this_epoch(self) -> Counter:
+        total = Counter()
+        for s in self.states:
+            total.update((s or {}).get("rejected", {}))
+        return total
+
+    def skipped(self) -> dict[str, int]:
+        """Samples and shards skipped so far on this rank (all epochs), by reason."""
+        total = self.past + self._this_epoch()
+        return dict(sorted(total.items()))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "steps": self.steps, "workers": self.workers,
+                "rank": self.rank, "world_size": self.world_size, "mode": self.dcfg.mode,
+                "worker_states": list(self.states), "past_skipped": dict(self.past), "skipped": self.skipped()}
+
+    def seek(self, step: int) -> None:
+        """Go to global `step` without saved worker states: skip each worker's share of samples
+        (exact if nothing was skipped before; otherwise the next samples may differ slightly)."""
+        self.epoch, self.batch = divmod(step, self.steps)
+        self.states = [{"consumed": _share(w, 0, self.batch, self.workers) * self.dcfg.batch_size}
+                       for w in range(self.workers)]
+
+    def load_state_dict(self, state: dict | None, step: int) -> bool:
+        """Restore the position saved at global `step`; True if exact. Falls back to `seek` (with a
+        warning) when the checkpoint has no loader state or was written with other ranks/workers/epoch length."""
+        want = {"steps": self.steps, "workers": self.workers, "world_size": self.world_size,
+                "mode": self.dcfg.mode}
+        if state and all(state.get(k) == v for k, v in want.items()) and \
+                divmod(step, self.steps) == (state["epoch"], state["batch"]):
+            self.epoch, self.batch = state["epoch"], state["batch"]
+            self.states = list(state["worker_states"])
+            self.past = Counter(state.get("past_skipped") or {})
+            return True
+        saved = {k: state.get(k) for k in want} if state else "none"
+        log.warning("rank %d: cannot restore the exact data position (saved loader state: %s; now: %s); "
+                    "skipping to step %d by sample counts", self.rank, saved, want, step)
+        self.seek(step)
+        return False
+
+    def _maybe_log(self, force: bool = False) -> None:
+        skipped = self.skipped()
+        n = sum(skipped.values())
+        now = time.monotonic()
+        if n != self._logged[1] and (force or now - self._logged[0] >= self.dcfg.log_skipped_every_s):
+            log.warning("rank %d: %d samples/shards skipped so far: %s", self.rank, n,
+                        ", ".join(f"{k} {v}" for k, v in skipped.items()))
+            self._logged = (now, n)
+
+    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """The rest of the current epoch: (images, texts, sample keys); the position advances per batch."""
+        stream = EpochStream(self.sources, self.dcfg, self.to_pair, seed=self.seed, epoch=self.epoch,
+                             rank=self.rank, world_size=self.world_size, steps=self.steps, start=self.batch,
+                             states=list(self.states))
+        for images, texts, meta in _loader(stream):
+            self.states[meta["worker"]] = meta["state"]
+            self.batch += 1
+            if self.batch == self.steps:  # the epoch is done: the position is the next epoch's start
+                self._maybe_log(force=True)
+                self.past += self._this_epoch()
+                self.states = [None] * self.workers
+                self.epoch, self.batch = self.epoch + 1, 0
+            else:
+                self._maybe_log()
+            yield images, texts, meta["keys"]
+            if self.batch == 0:
+                return
+        raise BatonError(f"rank {self.rank}: the loader of epoch {self.epoch} ended after batch {self.batch} "
+                         f"of {self.steps}; this is a bug in pretrain.data, please report it")

@@ -1,0 +1,184 @@
+"""From shard bytes to training pairs, skipping and counting whatever is corrupt.
+
+Stages, each a generator running inside one DataLoader worker:
+
+- `shard_files`: opens each shard with fsspec and lists its files with webdataset's tar reader; a
+  shard that cannot be opened or read to the end is counted (`unreadable_shard`, once per position
+  in the worker's shard sequence, so replaying after a resume does not count it twice).
+- `group_samples`: groups consecutive files by key, like webdataset's `group_by_keys`, but where
+  that raises on (or silently merges) a repeated key, this marks the later sample `duplicate_key`:
+  a key seen before in the same shard, or the key the previous shard ended with (a sample split
+  across a shard boundary). Marks travel with the sample and are counted only when the sample is
+  consumed after the shuffle buffer, so counts stay exact across a resume.
+- `SampleToPair`: decodes and checks one sample (`missing_image`, `missing_caption` (absent or
+  blank), `bad_caption` (not UTF-8), `bad_image` (undecodable), `bad_json`), then augments and
+  tokenises it. A bad sample raises `Rejected(reason)`; nothing here kills a worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import fsspec
+import torch
+from PIL import Image
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from baton.errors import BatonError
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+REASONS = ("unreadable_shard", "duplicate_key", "missing_image", "missing_caption", "bad_caption",
+           "bad_image", "bad_json")
+LOG_FIRST = 3   # per worker and reason: the first few skips are logged with key and shard, then counted only
+log = logging.getLogger("baton.data")
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+class Tally:
+    """One (logical) worker's progress through its epoch stream: what the checkpoint needs to resume it.
+
+    consumed: samples taken from the shuffle buffer (used or skipped); rejected: skips by reason;
+    failed: positions in the worker's shard sequence that could not be read.
+    """
+
+    def __init__(self, state: dict | None = None, where: str = ""):
+        state = state or {}
+        self.consumed = int(state.get("consumed", 0))
+        self.rejected = Counter({k: int(v) for k, v in (state.get("rejected") or {}).items()})
+        self.failed = set(int(n) for n in state.get("failed_shards", []))
+        self.where = where
+        self.reject_run = 0       # consecutive skips since the last accepted sample (hang guard)
+        self.empty_run = 0        # consecutive shards without a file (hang guard)
+
+    def reject(self, reason: str, key: str, url: str, detail: str = "") -> None:
+        self.rejected[reason] += 1
+        if self.rejected[reason] <= LOG_FIRST:
+            log.warning("%s: skipped sample %s in %s: %s%s%s", self.where, key, url, reason,
+                        f" ({detail})" if detail else "", " (further skips counted only)"
+                        if self.rejected[reason] == LOG_FIRST else "")
+
+    def shard_failed(self, n: int, url: str, error: Exception) -> None:
+        if n in self.failed:
+            return
+        self.failed.add(n)
+        self.rejected["unreadable_shard"] += 1
+        if self.rejected["unreadable_shard"] <= LOG_FIRST:
+            log.warning("%s: skipped the rest of shard %s: %s: %s", self.where, url, type(error).__name__, error)
+
+    def state(self) -> dict:
+        return {"consumed": self.consumed, "rejected": dict(self.rejected), "failed_shards": sorted(self.failed)}
+
+
+def shard_files(shards: Iterator[tuple[int, str]], tally: Tally, empty_limit: int) -> Iterator[dict]:
+    """(position, url) pairs -> tar members {fname, data, __url__}; an empty dict ends each shard."""
+    for n, url in shards:
+        got = 0
+        try:
+            with fsspec.open(url, "rb") as stream:
+                for member in tar_file_iterator(stream, handler=reraise_exception):
+                    got += 1
+                    member["__url__"] = url
+                    yield member
+        except Exception as e:  # unreachable, truncated or not a tar: skip the rest of this shard
+            tally.shard_failed(n, url, e)
+        yield {}
+        tally.empty_run = 0 if got else tally.empty_run + 1
+        if tally.empty_run >= empty_limit:
+            raise BatonError(f"{tally.where}: the last {tally.empty_run} shards read (e.g. {url}) held no files; "
+                             f"check data.train_shards and rewrite the shards with `baton shards`")
+
+
+def group_samples(files: Iterator[dict]) -> Iterator[dict]:
+    """Tar members -> samples {__key__, __url__, ext: bytes}, marking repeated keys `duplicate_key`."""
+    current: dict | None = None
+    seen: set[str] = set()
+    previous_last: str | None = None   # the key the previous shard ended with
+    first_in_shard = True
+    for f in files:
+        if not f:  # end of a shard
+            if current is not None:
+                previous_last = current["__key__"]
+                yield current
+            current, seen, first_in_shard = None, set(), True
+            continue
+        key, ext = base_plus_ext(f["fname"])
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current["__key__"] or ext in current:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": f["__url__"]}
+            if key in seen or (first_in_shard and key == previous_last):
+                current["__reject__"] = "duplicate_key"
+            seen.add(key)
+            first_in_shard = False
+        current[ext] = f["data"]
+    if current is not None:
+        yield current
+
+
+class SampleToPair:
+    """Raw sample -> (image tensor, token ids): check, decode, augment and pick a caption, seeded per sample."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, caption: str):
+        if caption not in ("txt", "random"):
+            raise BatonError(f"data.caption must be 'txt' or 'random', not {caption!r}")
+        self.transform, self.tokenizer, self.caption = transform, tokenizer, caption
+
+    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, list[str]]:
+        """The image and candidate captions of a raw sample, or `Rejected`."""
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise Rejected("missing_image", f"files: {sorted(k for k in sample if not k.startswith('__'))}")
+        raw = sample.get("txt")
+        if raw is None or not raw.strip():
+            raise Rejected("missing_caption")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Rejected("bad_caption", str(e)) from None
+        if "__reject__" in sample:
+            raise Rejected(sample["__reject__"])
+        captions = [text]
+        if self.caption == "random" and "json" in sample:
+            try:
+                captions += [c for c in (json.loads(sample["json"]) or {}).get("captions") or [] if c]
+            except (ValueError, AttributeError) as e:
+                raise Rejected("bad_json", str(e)) from None
+        try:
+            image = Image.open(io.BytesIO(sample[key]))
+            image.load()
+            image = image.convert("RGB")
+        except Exception as e:  # PIL raises many types for broken files
+            raise Rejected("bad_image", f"{type(e).__name__}: {e}") from None
+        return image, captions
+
+    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, captions = self.decode(sample)
+        # torchvision draws from torch's global CPU RNG, open_clip's jitter from python's `random`:
+        # seed both for this sample and put the process's own states back afterwards. (Not
+        # torch.manual_seed: it also queues a lazy CUDA seeding with a captured stack, ~3 ms a call.)
+        py_state, torch_state = random.getstate(), torch.default_generator.get_state()
+        try:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            pixels = self.transform(image)
+        except Exception as e:
+            raise Rejected("bad_image", f"transform failed: {type(e).__name__}: {e}") from None
+        finally:
+            random.setstate(py_state)
+            torch.default_generator.set_state(torch_state)
+        text = captions[0] if self.caption == "txt" else random.Random(seed).choice(captions)
+        return pixels, self.tokenizer([text])[0]
