@@ -10,22 +10,13 @@ from __future__ import annotations
 import argparse
 
 from baton.errors import BatonError
+from data_prep.options import _positive
 from data_prep.sources import MODULES, SOURCES
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and sys.exit(2)
         raise BatonError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
