@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from baton.config import load_config, to_yaml
+from baton.config import config_changes, load_config, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
@@ -121,6 +121,9 @@ def run(cfg: FinetuneConfig) -> dict:
     ckpt_root = run_dir / "checkpoints"
     resume = _resume_from(cfg, ckpt_root)
     log = setup_logging(run_dir)
+    if resume is not None and (run_dir / "config.yaml").is_file():
+        for change in config_changes((run_dir / "config.yaml").read_text(), cfg):
+            log.warning("resuming with a changed config: %s", change)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from baton.config import load_config, to_yaml
+from baton.config import config_changes, load_config, to_yaml
 from baton.distributed import DistInfo, all_gather_object, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.io import write_text_atomic
@@ -176,6 +176,9 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         saved_ranks = (loader_state or {}).get("ranks") or []
         loader.load_state_dict(saved_ranks[info.rank] if len(saved_ranks) == info.world_size else None, step)
     if info.is_main:
+        if step and (run_dir / "config.yaml").is_file():
+            for change in config_changes((run_dir / "config.yaml").read_text(), cfg):
+                log.warning("resuming with a changed config: %s", change)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     log.info("%d shards, %d samples, %d steps/epoch x %d ranks, %d steps in all, %.2f M parameters",
              len(shards.urls), num_samples, spe, info.world_size, total,

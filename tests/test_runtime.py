@@ -103,3 +103,13 @@ def test_cli_unknown_command(capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert cli_main(["--help"]) == 0
     assert "pretrain" in capsys.readouterr().out
+
+
+def test_config_changes_on_resume():
+    from baton.config import config_changes
+
+    saved = to_yaml(_Cfg(name="a"))
+    assert config_changes(saved, _Cfg(name="a")) == []
+    changes = config_changes(saved, _Cfg(name="a", optim=_Optim(lr=0.5)))
+    assert changes == ["optim.lr: 0.001 -> 0.5"]
+    assert config_changes(saved, _Cfg(name="b"), ignore=("name",)) == []
