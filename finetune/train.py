@@ -13,7 +13,6 @@ classes (`run_dir/eval.json`, and `test/*` rows in metrics.jsonl).
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from baton.config import config_changes, load_config, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
+from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
 from finetune.evaluate import n_answerable, retrieval_metrics
@@ -79,15 +79,6 @@ def epoch_batches(labels: list[int], cfg: FinetuneConfig, epoch: int, steps: int
     with _pml_rng(cfg.seed * 1_000_003 + epoch):
         order = list(iter(sampler))
     return [order[s * bs:(s + 1) * bs] for s in range(steps)]
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _check(cfg: FinetuneConfig, n_classes: int) -> None:

@@ -12,7 +12,6 @@ exactly the samples the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from baton.distributed import DistInfo, all_gather_object, barrier, destroy, ini
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
+from baton.schedule import lr_factor
 from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, clamp_logit_scale, preprocess_cfg
 from pretrain.config import OptimConfig, PretrainConfig
 from pretrain.data import SampleToPair, TrainLoader, resolve_sources, steps_per_epoch
@@ -60,11 +60,7 @@ def make_optimizer(model: nn.Module, ocfg: OptimConfig) -> torch.optim.Optimizer
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
 
 
 def make_loss(info: DistInfo) -> nn.Module:
