@@ -28,6 +28,7 @@ from baton.config import config_changes, load_config, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
+from baton.preemption import EXIT_STOPPED, stop_requested
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -206,8 +207,13 @@ def run(cfg: FinetuneConfig) -> dict:
                     log.info("step %d/%d epoch %d loss %.4f%s (%.1fs)", step, total, epoch, last_loss,
                              "".join(f" {k} {v:.4f}" for k, v in extra.items()), time.time() - t0)
                     window, lang_window = [], []
-                if step % every == 0 or step == total:
+                stop = stop_requested()  # a launcher asked to stop (preemption): checkpoint, return
+                if step % every == 0 or step == total or stop:
                     checkpoint(epoch if step % steps_per_epoch else epoch + 1)
+                if stop:
+                    log.info("stopped on request after step %d with a checkpoint; continue with "
+                             "resume=latest", step)
+                    return {"steps": step, "stopped": True}
     finally:
         writer.close()
 
@@ -235,5 +241,5 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config, e.g. configs/demo_softtriple.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 resume=latest")
     args = p.parse_args(argv)
-    run(load_config(FinetuneConfig, args.config, args.overrides))
-    return 0
+    summary = run(load_config(FinetuneConfig, args.config, args.overrides))
+    return EXIT_STOPPED if summary.get("stopped") else 0

@@ -30,6 +30,7 @@ from baton.distributed import DistInfo, all_gather_object, barrier, destroy, ini
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
+from baton.preemption import EXIT_STOPPED, stop_requested
 from baton.schedule import lr_factor
 from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, clamp_logit_scale, preprocess_cfg
 from pretrain.config import OptimConfig, PretrainConfig
@@ -190,6 +191,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     window = (time.perf_counter(), step)
     epoch = step // spe
     stop_at = min(total, cfg.train.stop_after_steps or total)
+    stopped = False
 
     def checkpoint() -> None:
         ranks = all_gather_object(loader.state_dict())  # every rank's data position (a collective)
@@ -225,17 +227,24 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                     log.info("step %d/%d loss %.4f lr %.2e scale %.1f %.0f samples/s", step, total,
                              row["loss"], lr, row["logit_scale"], row["samples_per_s"])
                     window = (time.perf_counter(), step)
-                if step % cfg.train.checkpoint_every == 0 or step == total:
+                saved = step % cfg.train.checkpoint_every == 0 or step == total
+                if saved:
                     checkpoint()
-                if step >= stop_at:
+                if stop_requested():  # a launcher asked to stop (preemption): checkpoint, then return
+                    if not saved:
+                        checkpoint()
+                    stopped = True
+                if step >= stop_at or stopped:
                     break
-            if step >= stop_at:
+            if step >= stop_at or stopped:
                 break
             epoch += 1
-    if step < total:
+    if stopped:
+        log.info("stopped on request after step %d with a checkpoint; continue with resume=latest", step)
+    elif step < total:
         log.info("stopped after step %d (train.stop_after_steps); continue with resume=latest", step)
     progress.close()
     metrics.close()
     barrier()
     destroy()
-    return 0
+    return EXIT_STOPPED if stopped else 0

@@ -60,6 +60,25 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, synthetic_sh
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 16
 
+    # A stop request (what the Slurm launcher sends on preemption) checkpoints at the step boundary
+    # it arrives in, on top of the periodic checkpoints, and the resumed run again ends identical.
+    from baton.config import load_config
+    from baton.preemption import EXIT_STOPPED, clear_stop, request_stop
+    from pretrain.config import PretrainConfig
+    from pretrain.train import train
+
+    asked = tmp_path / "asked"
+    try:
+        code = train(load_config(PretrainConfig, str(cfg), [f"run_dir={asked}"]),
+                     on_batch=lambda step, keys: request_stop() if step == 3 else None)
+    finally:
+        clear_stop()
+    assert code == EXIT_STOPPED
+    assert load_checkpoint(asked)[0]["step"] == 3
+    assert cli_main(["pretrain", str(cfg), f"run_dir={asked}", "resume=latest"]) == 0
+    c, _ = load_checkpoint(asked)
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
     rows = read_metrics(full / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert {"loss", "lr", "logit_scale", "samples_per_s"} <= set(rows[0])
