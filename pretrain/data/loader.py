@@ -32,7 +32,7 @@ from webdataset.utils import make_seed
 
 from baton.errors import BatonError
 from pretrain.config import DataConfig
-from pretrain.data.samples import Rejected, SampleToPair, Tally, group_samples, shard_files
+from pretrain.data.samples import Rejected, SampleMap, Tally, group_samples, shard_files
 from pretrain.data.sources import ShardList, Sources
 
 MAX_REJECT_RUN = 10_000   # consecutive skips with no usable sample: the data is broken, stop with an error
@@ -55,10 +55,10 @@ def _share(logical: int, start: int, steps: int, workers: int) -> int:
 class EpochStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch from batch `start` on; (images, texts, meta) per batch."""
 
-    def __init__(self, sources: Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, epoch: int,
+    def __init__(self, sources: Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,
                  rank: int, world_size: int, steps: int, start: int = 0, states: list[dict | None] | None = None):
         super().__init__()
-        self.sources, self.dcfg, self.to_pair = sources, dcfg, to_pair
+        self.sources, self.dcfg, self.sample_map = sources, dcfg, sample_map
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.steps, self.start = steps, start
         self.workers = max(1, dcfg.workers)
@@ -108,12 +108,12 @@ class EpochStream(torch.utils.data.IterableDataset):
         tally = Tally(self.states[logical], where)
         base = make_seed(self.seed, self.epoch)
         samples = itertools.islice(self._samples(logical, tally), tally.consumed, None)  # resume: no decoding
-        images, texts, keys = [], [], []
+        rows, keys = [], []
         for sample in samples:
             index = tally.consumed
             tally.consumed += 1
             try:
-                image, text = self.to_pair(sample, make_seed(base, self.rank * 1000 + logical, index))
+                row = self.sample_map(sample, make_seed(base, self.rank * 1000 + logical, index))
             except Rejected as r:
                 tally.reject(r.reason, sample["__key__"], sample["__url__"], r.detail)
                 tally.reject_run += 1
@@ -123,13 +123,14 @@ class EpochStream(torch.utils.data.IterableDataset):
                                      f"fix or rewrite the shards (`baton shards`)") from None
                 continue
             tally.reject_run = 0
-            images.append(image)
-            texts.append(text)
+            rows.append(row)
             keys.append(sample["__key__"])
-            if len(images) == self.dcfg.batch_size:
-                yield torch.stack(images), torch.stack(texts), {"worker": logical, "keys": keys,
-                                                                "state": tally.state()}
-                images, texts, keys = [], [], []
+            if len(rows) == self.dcfg.batch_size:
+                # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops):
+                # each position is stacked into one batch tensor.
+                yield (*(torch.stack(column) for column in zip(*rows)),
+                       {"worker": logical, "keys": keys, "state": tally.state()})
+                rows, keys = [], []
                 quota -= 1
                 if quota == 0:
                     return
@@ -141,20 +142,20 @@ def _loader(stream: EpochStream) -> torch.utils.data.DataLoader:
                                        prefetch_factor=4 if workers else None)
 
 
-def make_loader(shards: ShardList | Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, epoch: int,
+def make_loader(shards: ShardList | Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,
                 rank: int, steps: int, world_size: int = 1) -> torch.utils.data.DataLoader:
     """A DataLoader of one whole epoch: (images, texts, meta) batches, `steps` of them."""
     sources = shards if isinstance(shards, Sources) else Sources([shards])
-    return _loader(EpochStream(sources, dcfg, to_pair, seed=seed, epoch=epoch, rank=rank,
+    return _loader(EpochStream(sources, dcfg, sample_map, seed=seed, epoch=epoch, rank=rank,
                                world_size=world_size, steps=steps))
 
 
 class TrainLoader:
     """One rank's batches epoch after epoch, with a position that `state_dict` saves and restores."""
 
-    def __init__(self, sources: Sources, dcfg: DataConfig, to_pair: SampleToPair, *, seed: int, rank: int,
+    def __init__(self, sources: Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, rank: int,
                  world_size: int, steps: int):
-        self.sources, self.dcfg, self.to_pair = sources, dcfg, to_pair
+        self.sources, self.dcfg, self.sample_map = sources, dcfg, sample_map
         self.seed, self.rank, self.world_size, self.steps = seed, rank, world_size, steps
         self.workers = max(1, dcfg.workers)
         self.epoch, self.batch = 0, 0
@@ -211,12 +212,12 @@ class TrainLoader:
                         ", ".join(f"{k} {v}" for k, v in skipped.items()))
             self._logged = (now, n)
 
-    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """The rest of the current epoch: (images, texts, sample keys); the position advances per batch."""
-        stream = EpochStream(self.sources, self.dcfg, self.to_pair, seed=self.seed, epoch=self.epoch,
+    def epoch_batches(self) -> Iterator[tuple]:
+        """The rest of the current epoch: (*batch tensors, sample keys), e.g. (images, texts, keys); the position advances per batch."""
+        stream = EpochStream(self.sources, self.dcfg, self.sample_map, seed=self.seed, epoch=self.epoch,
                              rank=self.rank, world_size=self.world_size, steps=self.steps, start=self.batch,
                              states=list(self.states))
-        for images, texts, meta in _loader(stream):
+        for *tensors, meta in _loader(stream):
             self.states[meta["worker"]] = meta["state"]
             self.batch += 1
             if self.batch == self.steps:  # the epoch is done: the position is the next epoch's start
@@ -226,7 +227,7 @@ class TrainLoader:
                 self.epoch, self.batch = self.epoch + 1, 0
             else:
                 self._maybe_log()
-            yield images, texts, meta["keys"]
+            yield (*tensors, meta["keys"])
             if self.batch == 0:
                 return
         raise BatonError(f"rank {self.rank}: the loader of epoch {self.epoch} ended after batch {self.batch} "

@@ -129,6 +129,44 @@ def group_samples(files: Iterator[dict]) -> Iterator[dict]:
         yield current
 
 
+# The loader's per-sample map: (raw sample, per-sample seed) -> a tuple of tensors, or `Rejected`.
+SampleMap = Callable[[dict, int], tuple]
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The RGB image of a raw sample, or `Rejected` (missing_image, bad_image, or a mark it carries)."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise Rejected("missing_image", f"files: {sorted(k for k in sample if not k.startswith('__'))}")
+    if "__reject__" in sample:
+        raise Rejected(sample["__reject__"])
+    try:
+        image = Image.open(io.BytesIO(sample[key]))
+        image.load()
+        return image.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise Rejected("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+def seeded_transform(transform: Callable, image: Image.Image, seed: int):
+    """`transform(image)` with the random draws fixed by `seed`; the process's RNG states are put back.
+
+    torchvision draws from torch's global CPU RNG, open_clip's jitter from python's `random`: both
+    are seeded for this sample. (Not torch.manual_seed: it also queues a lazy CUDA seeding with a
+    captured stack, ~3 ms a call.) A failing transform is a `bad_image` rejection.
+    """
+    py_state, torch_state = random.getstate(), torch.default_generator.get_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        return transform(image)
+    except Exception as e:
+        raise Rejected("bad_image", f"transform failed: {type(e).__name__}: {e}") from None
+    finally:
+        random.setstate(py_state)
+        torch.default_generator.set_state(torch_state)
+
+
 class SampleToPair:
     """Raw sample -> (image tensor, token ids): check, decode, augment and pick a caption, seeded per sample."""
 
@@ -139,9 +177,8 @@ class SampleToPair:
 
     def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, list[str]]:
         """The image and candidate captions of a raw sample, or `Rejected`."""
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
-            raise Rejected("missing_image", f"files: {sorted(k for k in sample if not k.startswith('__'))}")
+        if not any(k in sample for k in IMAGE_KEYS):
+            decode_image(sample)  # raises missing_image
         raw = sample.get("txt")
         if raw is None or not raw.strip():
             raise Rejected("missing_caption")
@@ -157,28 +194,10 @@ class SampleToPair:
                 captions += [c for c in (json.loads(sample["json"]) or {}).get("captions") or [] if c]
             except (ValueError, AttributeError) as e:
                 raise Rejected("bad_json", str(e)) from None
-        try:
-            image = Image.open(io.BytesIO(sample[key]))
-            image.load()
-            image = image.convert("RGB")
-        except Exception as e:  # PIL raises many types for broken files
-            raise Rejected("bad_image", f"{type(e).__name__}: {e}") from None
-        return image, captions
+        return decode_image(sample), captions
 
     def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, captions = self.decode(sample)
-        # torchvision draws from torch's global CPU RNG, open_clip's jitter from python's `random`:
-        # seed both for this sample and put the process's own states back afterwards. (Not
-        # torch.manual_seed: it also queues a lazy CUDA seeding with a captured stack, ~3 ms a call.)
-        py_state, torch_state = random.getstate(), torch.default_generator.get_state()
-        try:
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            pixels = self.transform(image)
-        except Exception as e:
-            raise Rejected("bad_image", f"transform failed: {type(e).__name__}: {e}") from None
-        finally:
-            random.setstate(py_state)
-            torch.default_generator.set_state(torch_state)
+        pixels = seeded_transform(self.transform, image, seed)
         text = captions[0] if self.caption == "txt" else random.Random(seed).choice(captions)
         return pixels, self.tokenizer([text])[0]
