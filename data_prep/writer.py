@@ -29,7 +29,7 @@ from baton.io import atomic_path
 SHARD_PATTERN = "shard-{:06d}.tar"
 STATS = "stats.json"
 # Fixed tar header fields: reproducible bytes whatever the clock or user.
-TAR_MTIME = 0.0
+TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 TAR_USER = "baton"
 MAX_KEY_LEN = 80  # USTAR names are limited to 100 bytes including ".json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -2,9 +2,10 @@
 
 Stages, each a generator running inside one DataLoader worker:
 
-- `shard_files`: opens each shard with fsspec and lists its files with webdataset's tar reader; a
-  shard that cannot be opened or read to the end is counted (`unreadable_shard`, once per position
-  in the worker's shard sequence, so replaying after a resume does not count it twice).
+- `shard_files`: opens each shard with fsspec and lists its files (`tar_reader`: the members
+  webdataset's tar iterator gives, read faster); a shard that cannot be opened or read to the end
+  is counted (`unreadable_shard`, once per position in the worker's shard sequence, so replaying
+  after a resume does not count it twice).
 - `group_samples`: groups consecutive files by key, like webdataset's `group_by_keys`, but where
   that raises on (or silently merges) a repeated key, this marks the later sample `duplicate_key`:
   a key seen before in the same shard, or the key the previous shard ended with (a sample split
@@ -27,10 +28,10 @@ from typing import Any, Callable, Iterator
 import fsspec
 import torch
 from PIL import Image
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from baton.errors import BatonError
+from pretrain.data.tar_reader import tar_members
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 REASONS = ("unreadable_shard", "duplicate_key", "missing_image", "missing_caption", "bad_caption",
@@ -86,7 +87,7 @@ def shard_files(shards: Iterator[tuple[int, str]], tally: Tally, empty_limit: in
         got = 0
         try:
             with fsspec.open(url, "rb") as stream:
-                for member in tar_file_iterator(stream, handler=reraise_exception):
+                for member in tar_members(stream):
                     got += 1
                     member["__url__"] = url
                     yield member
