@@ -2,9 +2,8 @@
 
 1. epoch-exact mode with more readers (2 x 5) than shards (8) stops before training with the numbers and the
    fix, on both ranks (no hang);
-2. `baton pretrain` over good + corrupt shards, epoch-exact, 2 ranks x 2 workers (the resume
-   mechanism does not depend on the mode; resampled resume is tested on one rank in test_loader):
-   interrupted mid-epoch and resumed, each rank sees exactly the sample keys of the uninterrupted
+2. `baton pretrain` over good + corrupt shards, 2 ranks x 2 workers, in both modes (epoch-exact
+   and resampled): interrupted mid-epoch and resumed, each rank sees exactly the sample keys of the uninterrupted
    run, ends with the same weights, and the checkpoint's skip counts (summed over ranks) match.
 
 Pytest runs `test_two_ranks`; torchrun runs this file as a script (`_worker`).
@@ -37,7 +36,7 @@ def test_two_ranks(tmp_path, synthetic_shards):
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result{rank}.json").read_text())
         assert "2 ranks x 5 workers = 10 readers" in result["error"] and "8 shards" in result["error"]
-        for mode in ("epoch_exact",):
+        for mode in ("epoch_exact", "resampled"):
             r = result[mode]
             assert sorted(map(int, r["full"])) == list(range(1, 11)), mode
             assert r["resumed_from"] == 4 and r["joined"] == r["full"], (rank, mode)
@@ -67,7 +66,7 @@ def _worker(out: Path, good: str, bad: str) -> None:
         result["error"] = "no error"
     except BatonError as e:
         result["error"] = str(e)
-    for mode in ("epoch_exact",):
+    for mode in ("epoch_exact", "resampled"):
         r = resume_check(out / mode, cfg, 4, 3, f"data.mode={mode}")
         result[mode] = {**r, "full": {str(k): v for k, v in r["full"].items()},
                         "joined": {str(k): v for k, v in r["joined"].items()}}
