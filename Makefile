@@ -25,7 +25,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: all setup demo test test-fast system-deps clean clean-demo
+.PHONY: all setup demo results test test-fast system-deps clean clean-demo
 
 all: demo
 
@@ -78,23 +78,41 @@ $(DEMO)/eval_random/metrics.json: $(DEMO)/pretrain/export/backbone.json
 $(DEMO)/eval_pretrained/metrics.json: $(DEMO)/pretrain/export/backbone.json
 	$(BIN)/baton evaluate $(DEMO)/pretrain/export --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pretrained
 
+# Three finetunings of the same length from the same backbone: SoftTriple alone, + expert language
+# guidance (ELG: the classes' own names) and + pseudo-label guidance (PLG: baton's CLIP zero-shot
+# over ImageNet names), each evaluated on the held-out classes.
 $(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
 	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest $(RUNARGS) \
 	  run_dir=$(DEMO)/finetune backbone=$(DEMO)/pretrain/export
 	touch $@
 
+$(DEMO)/finetune_%/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple_%.yaml
+	$(BIN)/baton finetune configs/demo_softtriple_$*.yaml resume=latest $(RUNARGS) \
+	  run_dir=$(DEMO)/finetune_$* backbone=$(DEMO)/pretrain/export
+	touch $@
+
+.PRECIOUS: $(DEMO)/finetune_%/model/.done
+
 $(DEMO)/eval_finetuned/metrics.json: $(DEMO)/finetune/model/.done
 	$(BIN)/baton evaluate $(DEMO)/finetune --data-source shards --data-root $(DATA) --out $(DEMO)/eval_finetuned
 
+$(DEMO)/eval_%/metrics.json: $(DEMO)/finetune_%/model/.done
+	$(BIN)/baton evaluate $(DEMO)/finetune_$* --data-source shards --data-root $(DATA) --out $(DEMO)/eval_$*
+
 $(DEMO)/report.md: $(DEMO)/eval_pixels/metrics.json $(DEMO)/eval_random/metrics.json \
-                   $(DEMO)/eval_pretrained/metrics.json $(DEMO)/eval_finetuned/metrics.json
+                   $(DEMO)/eval_pretrained/metrics.json $(DEMO)/eval_finetuned/metrics.json \
+                   $(DEMO)/eval_elg/metrics.json $(DEMO)/eval_plg/metrics.json
 	$(BIN)/baton report --out $@ \
 	  --row "raw pixels 16x16=$(DEMO)/eval_pixels" \
 	  --row "random init=$(DEMO)/eval_random" \
 	  --row "CLIP pretrained=$(DEMO)/eval_pretrained" \
 	  --row "SoftTriple finetuned=$(DEMO)/eval_finetuned" \
+	  --row "SoftTriple + ELG=$(DEMO)/eval_elg" \
+	  --row "SoftTriple + PLG=$(DEMO)/eval_plg" \
 	  --loss-curve pretrain=$(DEMO)/pretrain/metrics.jsonl \
 	  --loss-curve finetune=$(DEMO)/finetune/metrics.jsonl \
+	  --loss-curve "finetune + ELG=$(DEMO)/finetune_elg/metrics.jsonl" \
+	  --loss-curve "finetune + PLG=$(DEMO)/finetune_plg/metrics.jsonl" \
 	  --grid $(DEMO)/eval_finetuned/retrieval_grid.png \
 	  --expect-increasing "random init,CLIP pretrained,SoftTriple finetuned"
 
@@ -102,8 +120,18 @@ demo: setup $(DEMO)/report.md
 	@cat $(DEMO)/report.md
 	@echo "report: $(DEMO)/report.md"
 
+# Multi-seed results: the demo once per seed (runs/demo, runs/demo-seed1, ...), then mean ± std of
+# every report row over the seeds -> runs/results/results.md and results.json.
+SEEDS ?= 0 1 2
+seed_dir = $(if $(filter 0,$(1)),runs/demo,runs/demo-seed$(1))
+
+results: setup
+	@for s in $(SEEDS); do $(MAKE) --no-print-directory demo SEED=$$s || exit 1; done
+	$(BIN)/baton report --out runs/results/results.md --seeds $(foreach s,$(SEEDS),$(call seed_dir,$(s)))
+	@cat runs/results/results.md
+
 clean-demo:
-	rm -rf runs/demo runs/demo-seed* data/emoji data/emoji-seed*
+	rm -rf runs/demo runs/demo-seed* runs/results data/emoji data/emoji-seed*
 
 clean: clean-demo
 	rm -rf $(VENV) .stamp-system-deps

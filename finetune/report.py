@@ -5,6 +5,9 @@ Collects `baton evaluate` outputs into one markdown table (Recall@1/2/4/8, MAP@R
 the order given, so the story reads top-down: pixels, random init, pretrained, finetuned), plots
 the training loss curves next to it (loss_curves.png), links a retrieval grid, writes the same
 numbers to report.json and prints the table.
+
+`baton report --out runs/results/results.md --seeds runs/demo runs/demo-seed1 ...` instead
+aggregates the report.json of several seeds' runs into mean ± std per row (finetune/results.py).
 """
 
 from __future__ import annotations
@@ -104,9 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="baton demo: retrieval on held-out classes")
     p.add_argument("--expect-increasing", help="NAME,NAME,...: rows whose Recall@1 should increase in this "
                    "order; the report states whether it does (report.json: order_holds)")
+    p.add_argument("--seeds", nargs="+", metavar="RUN_DIR", help="instead of --row: one run directory per "
+                   "seed, each with a report.json; writes mean ± std per row to --out and results.json")
     args = p.parse_args(argv)
+    if args.seeds:
+        if args.row:
+            raise BatonError("baton report takes either --row (one run) or --seeds (several runs), not both")
+        from finetune.results import write_results
+
+        write_results(args.out, args.seeds)
+        return 0
     if not args.row:
-        raise BatonError("baton report needs at least one --row NAME=EVAL_DIR")
+        raise BatonError("baton report needs at least one --row NAME=EVAL_DIR (or --seeds RUN_DIR ...)")
     out = Path(args.out)
     rows = [read_row(*_pair(r, "--row")) for r in args.row]
     curves = [_pair(c, "--loss-curve") for c in args.loss_curve]

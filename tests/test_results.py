@@ -1,0 +1,80 @@
+"""Multi-seed results (`baton report --seeds`, finetune/results.py): mean ± std per row over the
+seeds' report.json files equal numpy's, on made-up metric files run through `baton report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from baton.cli import main as cli
+from baton.errors import BatonError
+from finetune.results import write_results
+
+METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"]
+ROWS = ["random init", "CLIP pretrained", "SoftTriple + ELG"]
+
+
+def make_seed_run(run: Path, rng: np.random.Generator, rows=ROWS) -> dict[str, dict[str, float]]:
+    """One seed's run dir: made-up metrics.json per row, collected by `baton report --row`."""
+    values = {}
+    args = ["report", "--out", str(run / "report.md")]
+    for i, name in enumerate(rows):
+        m = {k: float(v) for k, v in zip(METRICS, rng.uniform(0, 1, len(METRICS)))}
+        d = run / f"eval_{i}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({**m, "n_queries": 10, "n_classes": 5}))
+        values[name] = m
+        args += ["--row", f"{name}={d}"]
+    assert cli(args) == 0
+    return values
+
+
+def test_seeds_table_is_numpy_mean_and_std(tmp_path):
+    rng = np.random.default_rng(7)
+    runs = [tmp_path / f"seed{s}" for s in range(3)]
+    truth = [make_seed_run(r, rng) for r in runs]
+    out = tmp_path / "results" / "results.md"
+    assert cli(["report", "--out", str(out), "--seeds", *map(str, runs)]) == 0
+
+    res = json.loads((out.parent / "results.json").read_text())
+    assert [r["name"] for r in res["rows"]] == ROWS
+    md = out.read_text()
+    for row in res["rows"]:
+        assert row["n"] == 3
+        for k in METRICS:
+            per_seed = np.array([t[row["name"]][k] for t in truth])
+            assert row["values"][k] == pytest.approx(per_seed.tolist())
+            assert row["mean"][k] == pytest.approx(np.mean(per_seed))
+            assert row["std"][k] == pytest.approx(np.std(per_seed, ddof=1))
+        r1 = np.array([t[row["name"]]["recall@1"] for t in truth])
+        assert (f"| {row['name']} | {100 * r1.mean():.1f} ± {100 * r1.std(ddof=1):.1f} |") in md
+
+
+def test_one_seed_has_no_std(tmp_path):
+    truth = make_seed_run(tmp_path / "seed0", np.random.default_rng(1))
+    out = tmp_path / "results.md"
+    assert cli(["report", "--out", str(out), "--seeds", str(tmp_path / "seed0")]) == 0
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["mean"]["nmi"] == pytest.approx(truth[ROWS[0]]["nmi"]) and row["std"]["nmi"] is None
+    assert "± n/a" in out.read_text()
+
+
+def test_seeds_must_have_the_same_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    make_seed_run(tmp_path / "a", rng)
+    make_seed_run(tmp_path / "b", rng, rows=ROWS[:2])
+    out = tmp_path / "results.md"
+    with pytest.raises(BatonError, match="SoftTriple \\+ ELG.*missing from .*b"):
+        write_results(out, [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(BatonError, match="no .*report.json"):
+        write_results(out, [tmp_path / "a", tmp_path / "nowhere"])
+    assert cli(["report", "--out", str(out), "--seeds", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert not out.exists()
+    # the other way round: the rows both have are averaged, the third is named as left out
+    assert cli(["report", "--out", str(out), "--seeds", str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in res["rows"]] == ROWS[:2] and res["left_out"] == [ROWS[2]]
+    assert "Left out (not in the first run's report): SoftTriple + ELG" in out.read_text()
