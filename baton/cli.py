@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune.train:main", "finetune a backbone with a DML loss: baton finetune CONFIG [key=value ...]"),
     "evaluate": ("finetune.evaluate_cli:main", "retrieval metrics of a backbone on held-out classes"),
     "report": ("finetune.report:main", "collect the demo's metrics and plots into report.md"),
+    "submit": ("slurm.submit:main", "run a stage as a Slurm job: baton submit STAGE ARGS [cluster.KEY=VALUE ...]"),
+    "status": ("slurm.control:status_main", "state of a submitted run: baton status RUN_DIR"),
+    "cancel": ("slurm.control:cancel_main", "cancel a submitted run: baton cancel RUN_DIR"),
+    "logs": ("slurm.control:logs_main", "a submitted run's output: baton logs RUN_DIR [-f]"),
 }
 
 
