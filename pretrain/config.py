@@ -62,7 +62,19 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None     # caps epochs x steps_per_epoch (the schedule follows it)
-    precision: str = "auto"             # auto | fp32 | bf16 (auto: bf16 autocast on capable CUDA)
+    precision: str = "auto"             # auto | fp32 | bf16 | fp16 (auto: bf16 on capable CUDA; fp16 needs CUDA)
+    # How the model is spread over ranks (pretrain/strategies/): ddp (replicated), fsdp (FSDP2
+    # fully_shard: parameters, gradients and optimiser state sharded) or deepspeed (ZeRO `zero_stage`).
+    strategy: str = "ddp"
+    zero_stage: int = 2                 # deepspeed only: 1 optimiser state, 2 + gradients, 3 + parameters
+    offload: bool = False               # fsdp / deepspeed: keep sharded state (and ZeRO-3 parameters) in CPU memory
+    # Extra DeepSpeed config entries merged over the ones baton derives (e.g. {zero_optimization:
+    # {overlap_comm: true}}); checked by DeepSpeed's own config classes before any process starts.
+    deepspeed: Any = None
+    grad_accum: int = 1                 # micro-batches of data.batch_size per optimiser step
+    grad_checkpointing: bool = False    # recompute activations in backward (the model's set_grad_checkpointing)
+    compile: bool = False               # torch.compile the model (nn.Module.compile, state-dict names unchanged)
+    eval_every: int = 0                 # steps between method.evaluate calls (0: never)
     checkpoint_every: int = 500         # steps; a checkpoint is also written at the end
     keep_last: int = 3                  # checkpoints kept (0 keeps all)
     log_every: int = 10                 # steps between metrics.jsonl rows
@@ -80,6 +92,7 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     resume: Optional[str] = None        # None | "latest" | a checkpoint path
+    method: str = "clip"                # what is learned (pretrain/method.py METHODS): clip | dino
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

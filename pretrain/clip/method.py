@@ -1,0 +1,139 @@
+"""CLIP as a pretraining method: open_clip's model and ClipLoss behind the `PretrainMethod` contract.
+
+The loss is open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`: each rank scores its
+own B images against all N*B gathered texts (and vice versa), so logit memory grows with the local
+batch, and gradients flow through the gather, so N ranks x B samples give exactly the gradients of
+one N*B batch. Weight decay skips gains, biases, embeddings and the logit scale (open_clip_train's
+rule), and the learned temperature is clamped to [0, ln 100] after every step, as CLIP does.
+
+The handoff is the image tower (`backbone.safetensors`, open_clip's `visual.*` names without the
+prefix) plus the text tower (`text_tower.safetensors`: every other weight, logit_scale included),
+so finetuning can embed class names with the very text encoder the image tower was aligned to.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from baton.errors import BatonError
+from baton.handoff import sha256_file, write_handoff
+from baton.io import atomic_path
+from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
+                                 model_config_dict, preprocess_cfg)
+from pretrain.data import SampleToPair
+from pretrain.method import PretrainMethod
+
+TEXT_WEIGHTS = "text_tower.safetensors"
+# Parameter names (substrings) that get no weight decay besides every tensor of fewer than 2 dims.
+NO_DECAY = ("bias", "ln", "norm", "embedding", "logit_scale")
+
+
+class ClipMethod(PretrainMethod):
+    name = "clip"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self._loss_fn = None
+
+    # ------------------------------------------------------------------ model and data
+    def build_model(self) -> nn.Module:
+        model = build_clip(self.cfg.model)
+        size = preprocess_cfg(model)["image_size"]
+        if self.cfg.data.image_size not in (None, size):
+            raise BatonError(f"data.image_size={self.cfg.data.image_size} but the model takes {size} px; "
+                             f"unset data.image_size or change the model's vision_cfg.image_size")
+        return model
+
+    def sample_map(self, model: nn.Module) -> SampleToPair:
+        train_transform = build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0]
+        return SampleToPair(train_transform, build_tokenizer(self.cfg.model), self.cfg.data.caption)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        def exempt(name: str, p: torch.Tensor) -> bool:
+            return p.ndim < 2 or any(t in name for t in NO_DECAY)
+
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": self.cfg.optim.weight_decay,
+                 "name": "decay"},
+                {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The residual attention blocks of both towers (timm trunks: their blocks/stages)."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        units = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
+        trunk = getattr(model.visual, "trunk", None)  # a timm image tower
+        for attr in ("blocks", "stages"):
+            if trunk is not None and isinstance(getattr(trunk, attr, None), nn.Sequential):
+                units += list(getattr(trunk, attr))
+        return units
+
+    # ------------------------------------------------------------------ training
+    def loss_fn(self) -> nn.Module:
+        if self._loss_fn is None:
+            import open_clip
+
+            self._loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
+                                               rank=self.info.rank, world_size=self.info.world_size)
+        return self._loss_fn
+
+    def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images, texts = batch
+        out = net(images, texts)
+        # The clamp after each step keeps the parameter <= ln 100; under DeepSpeed the step writes its fp32
+        # master copy back over it, so the temperature is also capped here (a no-op everywhere else).
+        scale = out["logit_scale"].clamp(max=math.exp(MAX_LOGIT_SCALE))
+        loss = self.loss_fn()(out["image_features"], out["text_features"], scale)
+        return loss, {"logit_scale": float(scale.detach().float())}
+
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
+        clamp_logit_scale(model)
+
+    # ------------------------------------------------------------------ handoff
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
+        cfg = self.cfg
+        model_config = model_config_dict(cfg.model)
+        tag = cfg.model.pretrained
+        mcfg = type(cfg.model)(name=cfg.model.name, config=cfg.model.config, pretrained=None)  # no download
+        model = build_clip(mcfg)
+        model.load_state_dict(state, strict=True)
+        preprocess = preprocess_cfg(model)
+        if tag:  # training used the pretrained tag's normalisation
+            import open_clip
+            tag_cfg = open_clip.get_pretrained_cfg(cfg.model.name, tag) or {}
+            preprocess.update({k: list(tag_cfg[k]) for k in ("mean", "std") if k in tag_cfg})
+            preprocess["interpolation"] = tag_cfg.get("interpolation", preprocess["interpolation"])
+        meta = {
+            "library": "open_clip",
+            "architecture": cfg.model.name,
+            "model_config": model_config,
+            "tower": "visual",
+            "embedding_dim": int(model_config["embed_dim"]),
+            "preprocess": preprocess,
+            "source": {**self.source, "method": self.name},
+            "text": write_text_tower(Path(out), model, model_config),
+        }
+        return write_handoff(out, model.visual.state_dict(), meta)
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        # Zero-shot + retrieval monitoring lives in pretrain/clip/evaluation.py (wired in separately).
+        return {}
+
+
+def write_text_tower(out: Path, model: nn.Module, model_config: dict) -> dict:
+    """Write the non-visual weights to OUT/text_tower.safetensors; return backbone.json's `text` entry."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+               if not k.startswith("visual.")}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / TEXT_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    text_cfg = model_config.get("text_cfg", {})
+    return {"weights": TEXT_WEIGHTS, "sha256": sha256_file(out / TEXT_WEIGHTS),
+            "tokenizer": text_cfg.get("hf_tokenizer_name") or "open_clip-simple",
+            "context_length": int(text_cfg.get("context_length", 77))}

@@ -1,0 +1,97 @@
+"""What is learned, apart from how it is trained: the pretraining-method contract.
+
+The engine (`pretrain/train.py`) and the strategies (`pretrain/strategies/`) know nothing about
+CLIP or DINO; a *method* object does. It builds the one module that is trained and checkpointed,
+turns raw shard samples into tensors, computes the loss through the strategy-wrapped module,
+does whatever must follow an optimiser step (a clamp, an EMA teacher update) and writes the
+handoff from a checkpoint's full state dict. The config key `method` picks one from `METHODS`.
+
+Per step the loop calls: adjust_optimizer -> loss (per micro-batch; backward through the
+strategy) -> clip -> optimiser step -> after_step -> (maybe) evaluate / checkpoint / stop check.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from baton.distributed import DistInfo
+from baton.errors import BatonError
+
+if TYPE_CHECKING:
+    from pretrain.config import PretrainConfig
+    from pretrain.data import SampleMap
+
+# method name -> "module:Class", imported only when chosen (like baton/cli.py's COMMANDS).
+METHODS: dict[str, str] = {
+    "clip": "pretrain.clip.method:ClipMethod",
+    "dino": "pretrain.dino.method:DinoMethod",
+}
+
+
+class PretrainMethod:
+    """Base class: the defaults are "nothing to do"; a method overrides what it needs."""
+
+    name = "base"
+
+    def __init__(self, cfg: "PretrainConfig", info: DistInfo):
+        self.cfg, self.info = cfg, info
+        # Set by `baton export` before `export` is called: {"checkpoint": path, "step": n}; a method
+        # puts it (with its name) under the handoff's `source` key.
+        self.source: dict = {}
+
+    def build_model(self) -> nn.Module:
+        """ONE module holding everything that is trained or checkpointed. Parameters with
+        requires_grad=False (e.g. an EMA teacher) are not optimised. A strategy wraps this module."""
+        raise NotImplementedError
+
+    def sample_map(self, model: nn.Module) -> "SampleMap":
+        """(raw webdataset sample, per-sample seed) -> tuple of tensors; the loader stacks each position
+        into a batch and yields (*tensors, keys). Raise `pretrain.data.Rejected` to skip and count a sample."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimiser groups ({"params": [...], "weight_decay": wd, optional "name"}); the engine builds
+        AdamW and sets each group's lr = optim.lr x schedule every step. Default: one group, decay all."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": self.cfg.optim.weight_decay}]
+
+    def adjust_optimizer(self, optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
+        """Per-group overrides, called every step after the engine set the learning rates."""
+
+    def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward through the WRAPPED module `net` (exactly one call per micro-batch); return the
+        scalar loss and extra scalars to log. `batch` holds the loader's tensors, on the device."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
+        """After optimizer.step(), under torch.no_grad(), on the unwrapped module (FSDP2: DTensor
+        parameters; elementwise in-place ops between same-sharded parameters work shard-locally)."""
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """FSDP2: submodules to `fully_shard` one by one before the root (transformer blocks)."""
+        return []
+
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
+        """Write the handoff (`baton.handoff.write_handoff`) from a checkpoint's FULL model state dict."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Monitoring every `train.eval_every` steps, on every rank (may use collectives)."""
+        return {}
+
+
+def method_class(name: str) -> type[PretrainMethod]:
+    if name not in METHODS:
+        raise BatonError(f"unknown pretraining method '{name}' (config key `method`); known: {', '.join(METHODS)}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(cfg: "PretrainConfig", info: DistInfo) -> PretrainMethod:
+    """The method named by `cfg.method`, or a `BatonError` listing the known ones."""
+    return method_class(cfg.method)(cfg, info)
