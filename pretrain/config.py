@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from pretrain.dino.config import DinoConfig
+
 
 @dataclass
 class AugmentConfig:
@@ -97,3 +99,4 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)  # used when method=dino

@@ -1,0 +1,64 @@
+"""`DinoConfig`: everything DINO adds to a pretraining run (it becomes `PretrainConfig.dino`).
+
+Defaults are the reference ViT-S/16 recipe of facebookresearch/dino (main_dino.py's arguments);
+the demo shrinks crop sizes, backbone and head through YAML (`configs/dino_demo.yaml`). The
+engine's own keys keep their meaning: `optim.lr` is the peak learning rate (times
+global batch / 256 when `scale_lr_by_batch`), `optim.warmup_steps` its linear warm-up,
+`optim.grad_clip` the gradient clipping (the reference uses 3.0); `optim.weight_decay` is replaced
+by the cosine weight-decay schedule below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class DinoConfig:
+    # --- backbone: any timm model, built with num_classes=0 (pooled features, no classifier)
+    backbone: str = "vit_small_patch16_224"
+    # Extra `timm.create_model` kwargs, e.g. a tiny ViT: {img_size: 64, patch_size: 8, embed_dim: 192,
+    # depth: 6, num_heads: 3, dynamic_img_size: true}. A ViT needs dynamic_img_size: true when the
+    # local crops are smaller than the global ones (its position embedding is then interpolated).
+    # Typed Any: a mapping whose keys are timm's, not ours.
+    backbone_kwargs: Any = None
+    drop_path_rate: float = 0.1          # stochastic depth, student only (the teacher has none)
+    # --- DINO head: MLP (GELU) -> bottleneck -> L2 norm -> weight-normalised linear to out_dim
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True         # the last layer's weight-norm gain fixed at 1 (stabler)
+    # --- multi-crop augmentation
+    global_crop_size: int = 224
+    global_crop_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_size: int = 96
+    local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    n_local_crops: int = 8
+    color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # b, c, s, hue
+    color_jitter_prob: float = 0.8
+    gray_scale_prob: float = 0.2
+    blur_prob: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])     # pixels
+    solarize_prob: float = 0.2           # second global crop only
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # --- loss
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04    # teacher temperature at epoch 0 ...
+    teacher_temp: float = 0.04           # ... rising linearly to this over warmup_teacher_temp_epochs
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    # --- schedules (cosine over the whole run)
+    teacher_momentum: float = 0.996      # EMA momentum, cosine to 1
+    weight_decay: float = 0.04           # cosine to weight_decay_end (biases and norms: none)
+    weight_decay_end: float = 0.4
+    freeze_last_layer: int = 1           # epochs during which the head's last layer is not updated
+    scale_lr_by_batch: bool = True       # lr = optim.lr x global batch / 256 (linear scaling rule)
+    # --- k-NN monitor (eval_knn.py)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
