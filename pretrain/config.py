@@ -76,7 +76,7 @@ class TrainConfig:
     grad_accum: int = 1                 # micro-batches of data.batch_size per optimiser step
     grad_checkpointing: bool = False    # recompute activations in backward (the model's set_grad_checkpointing)
     compile: bool = False               # torch.compile the model (nn.Module.compile, state-dict names unchanged)
-    eval_every: int = 0                 # steps between method.evaluate calls (0: never)
+    eval_every: int = 0                 # steps between method.evaluate calls, and at the end (0: never)
     checkpoint_every: int = 500         # steps; a checkpoint is also written at the end
     keep_last: int = 3                  # checkpoints kept (0 keeps all)
     log_every: int = 10                 # steps between metrics.jsonl rows
@@ -90,6 +90,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out monitoring every `train.eval_every` steps (and at the end): what `method.evaluate` reads.
+    CLIP: zero-shot + image<->text retrieval (pretrain/clip/evaluation.py)."""
+    # Held-out labelled shards, as data.train_shards (e.g. data/emoji/test); None: no evaluation.
+    shards: Any = None
+    # The first N samples in shard order that pass the checks needing no decoding (an undecodable
+    # image among them is then left out and counted); None: all.
+    max_samples: Optional[int] = 5000
+    batch_size: int = 256               # images / captions / prompts embedded at a time, per rank
+    chunk_size: int = 1024              # queries scored at a time (each against all candidates)
+    # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
+    # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.
+    templates: Any = "simple"
+
+
+@dataclass
 class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
@@ -99,4 +115,5 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)  # used when method=dino

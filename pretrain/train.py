@@ -204,7 +204,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", step, total, row["loss"], lr,
                          row["samples_per_s"])
                 window = (time.perf_counter(), step)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total):
                 scores = method.evaluate(strategy.model, step)
                 if scores:
                     metrics.log(step, **scores)

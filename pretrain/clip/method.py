@@ -38,6 +38,7 @@ class ClipMethod(PretrainMethod):
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
         self._loss_fn = None
+        self._eval_tools = None
 
     # ------------------------------------------------------------------ model and data
     def build_model(self) -> nn.Module:
@@ -120,8 +121,20 @@ class ClipMethod(PretrainMethod):
         return write_handoff(out, model.visual.state_dict(), meta)
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        # Zero-shot + retrieval monitoring lives in pretrain/clip/evaluation.py (wired in separately).
-        return {}
+        """Zero-shot top-1/5 and image<->text Recall@1/5 on `eval.shards` (pretrain/clip/evaluation.py)."""
+        if not self.cfg.eval.shards:
+            return {}
+        from pretrain.clip.evaluation import evaluate_clip
+
+        if self._eval_tools is None:  # built once: the eval transform (resize, no augmentation) and tokenizer
+            self._eval_tools = (build_transforms(preprocess_cfg(model), self.cfg.data.augment)[1],
+                                build_tokenizer(self.cfg.model))
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_clip(model, self.cfg.eval, self.info, *self._eval_tools)
+        finally:
+            model.train(was_training)
 
 
 def write_text_tower(out: Path, model: nn.Module, model_config: dict) -> dict:
