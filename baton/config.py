@@ -36,7 +36,8 @@ def _valid_keys(schema: Any, dotted: str) -> list[str]:
         return []
 
 
-def _explain(schema: Any, err: OmegaConfBaseException, source: str) -> BatonError:
+def explain_config_error(schema: Any, err: OmegaConfBaseException, source: str) -> BatonError:
+    """An OmegaConf merge/validation error as a BatonError naming the source, the key and the valid keys."""
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in struct" in str(err):
         choices = _valid_keys(schema, key) if key else []
@@ -53,6 +54,17 @@ def _explain(schema: Any, err: OmegaConfBaseException, source: str) -> BatonErro
     return BatonError(f"{source}: {err}")
 
 
+def read_yaml(path: str | Path, what: str = "a YAML file, e.g. configs/demo_clip.yaml") -> Any:
+    """The OmegaConf node of a YAML file, or a BatonError naming the file (missing, or bad syntax)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatonError(f"config file not found: {path} (pass {what})")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # YAML syntax
+        raise BatonError(f"{path}: cannot parse YAML: {e}") from None
+
+
 def load_config(schema: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
@@ -61,27 +73,22 @@ def load_config(schema: type[T], path: str | Path | None = None,
     merged = base
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise BatonError(f"config file not found: {path} (pass a YAML file, e.g. configs/demo_clip.yaml)")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as e:  # YAML syntax
-            raise BatonError(f"{path}: cannot parse YAML: {e}") from None
+        file_cfg = read_yaml(path)
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as e:
-            raise _explain(schema, e, str(path)) from None
+            raise explain_config_error(schema, e, str(path)) from None
     for item in overrides:
         if "=" not in item:
             raise BatonError(f"override '{item}' is not of the form key=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _explain(schema, e, f"override '{item}'") from None
+            raise explain_config_error(schema, e, f"override '{item}'") from None
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise _explain(schema, e, str(path or "config")) from None
+        raise explain_config_error(schema, e, str(path or "config")) from None
 
 
 def to_yaml(cfg: Any) -> str:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baton.errors import BatonError
 from baton.io import atomic_path, write_json_atomic
 from baton.logs import setup_logging
 from finetune.datasets import DATASETS, load_dataset

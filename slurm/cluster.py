@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from baton.config import _explain
+from baton.config import explain_config_error, read_yaml
 from baton.errors import BatonError
 
 EXECUTORS = ("slurm", "local")
@@ -81,24 +81,19 @@ def load_cluster(section: Any = None, cluster_file: str | Path | None = None,
     layers: list[tuple[str, dict]] = [("cluster section", _section(section, "config"))]
     if cluster_file is not None:
         path = Path(cluster_file)
-        if not path.is_file():
-            raise BatonError(f"cluster file not found: {path} (pass a YAML file of cluster options)")
-        try:
-            raw = OmegaConf.load(path)
-        except Exception as e:
-            raise BatonError(f"{path}: cannot parse YAML: {e}") from None
+        raw = read_yaml(path, "a YAML file of cluster options")
         layers.append((str(path), _section(raw.get("cluster", raw) if OmegaConf.is_dict(raw) else raw, str(path))))
     for source, values in layers:
         try:
             merged = OmegaConf.merge(merged, values)
         except OmegaConfBaseException as e:
-            raise _explain(ClusterConfig, e, source) from None
+            raise explain_config_error(ClusterConfig, e, source) from None
     for item in overrides:
         key, _, value = item.partition("=")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key[len('cluster.'):]}={value}"]))
         except OmegaConfBaseException as e:
-            raise _explain(ClusterConfig, e, f"override '{item}'") from None
+            raise explain_config_error(ClusterConfig, e, f"override '{item}'") from None
     cfg: ClusterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if cfg.executor not in EXECUTORS:
         raise BatonError(f"cluster.executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from baton.config import load_config
+from baton.config import load_config, read_yaml
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from slurm.cluster import ClusterConfig, executor_parameters, load_cluster
@@ -64,12 +64,7 @@ def _stage_config(stage: str, rest: list[str]) -> tuple[str, Any, list[str], Any
     if not rest or rest[0].startswith("-") or "=" in rest[0]:
         raise BatonError(f"baton submit {stage}: expected CONFIG [key=value ...] after the stage\n{USAGE}")
     path, overrides = Path(rest[0]), rest[1:]
-    if not path.is_file():
-        raise BatonError(f"config file not found: {path} (pass a YAML file, e.g. configs/demo_clip.yaml)")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:
-        raise BatonError(f"{path}: cannot parse YAML: {e}") from None
+    raw = read_yaml(path)
     section = raw.pop("cluster", None) if OmegaConf.is_dict(raw) else None
     text = OmegaConf.to_yaml(raw)
     module, name = CONFIG_STAGES[stage]

@@ -29,7 +29,7 @@ Ties and duplicates, decided the same way on any number of ranks:
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist

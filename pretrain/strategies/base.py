@@ -108,6 +108,8 @@ class Strategy:
             load_full_state(self.model, self.optimizer, state["model"], state.get("optimizer"))
         else:
             load_dcp_state(self.model, self.optimizer, step_dir / DCP_DIR)
+        if getattr(self, "scaler", None) is not None and state.get("scaler"):  # fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
 
     @staticmethod
     def read_full_model_state(step_dir: Path, state: dict) -> dict[str, torch.Tensor]:

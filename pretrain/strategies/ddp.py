@@ -66,11 +66,6 @@ class DDPStrategy(Strategy):
             extra["scaler"] = self.scaler.state_dict()
         return extra   # rank 0 writes them into state.pt
 
-    def load(self, step_dir: Path, state: dict) -> None:
-        super().load(step_dir, state)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
     @staticmethod
     def read_full_model_state(step_dir: Path, state: dict) -> dict[str, torch.Tensor]:
         return state["model"]

@@ -113,11 +113,6 @@ class FSDPStrategy(Strategy):
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(step_dir / DCP_DIR))
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
-    def load(self, step_dir: Path, state: dict) -> None:
-        super().load(step_dir, state)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
     @staticmethod
     def read_full_model_state(step_dir: Path, state: dict) -> dict[str, torch.Tensor]:
         """Full tensors of every `model.*` entry, shaped from the DCP metadata (no model, no group)."""
