@@ -11,7 +11,7 @@ by the cosine weight-decay schedule below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, List, Optional
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -59,6 +59,11 @@ class DinoConfig:
     weight_decay_end: float = 0.4
     freeze_last_layer: int = 1           # epochs during which the head's last layer is not updated
     scale_lr_by_batch: bool = True       # lr = optim.lr x global batch / 256 (linear scaling rule)
-    # --- k-NN monitor (eval_knn.py)
+    # --- k-NN monitor (eval_knn.py), every train.eval_every steps: the teacher backbone's weighted
+    # k-NN on held-out labelled shards (pretrain/dino/monitor.py), each class split in memory/query
+    # halves. knn_shards as data.train_shards (e.g. data/emoji/test); None: no monitoring.
+    knn_shards: Any = None
+    knn_max_samples: Optional[int] = 2000  # the first N usable samples in shard order; None: all
+    knn_batch_size: int = 256              # images embedded at a time, per rank
     knn_k: int = 20
     knn_temperature: float = 0.07

@@ -31,6 +31,7 @@ from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
 from pretrain.dino.loss import dino_loss, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
+from pretrain.dino.monitor import knn_monitor
 from pretrain.method import PretrainMethod
 
 TEACHER_BACKBONE = "teacher.backbone."
@@ -68,6 +69,7 @@ class DinoMethod(PretrainMethod):
         super().__init__(cfg, info)
         self.dino = dino_config(cfg)
         self._steps_per_epoch: int | None = None
+        self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset
 
     # ------------------------------------------------------------ run geometry
     def grad_accum(self) -> int:
@@ -192,6 +194,11 @@ class DinoMethod(PretrainMethod):
         return write_handoff(out, backbone.state_dict(), meta)
 
     def evaluate(self, model, step: int) -> dict[str, float]:
-        """k-NN monitoring (`pretrain.dino.knn.weighted_knn`) needs labelled held-out data the engine
-        does not pass yet; until then nothing is measured."""
-        return {}
+        """Every train.eval_every steps: the weighted k-NN (k=dino.knn_k, T=dino.knn_temperature) of the
+        TEACHER backbone on dino.knn_shards (`pretrain.dino.monitor`); nothing when that is unset.
+        Called on every rank (it all-reduces the features)."""
+        if self._monitor is None:
+            self._monitor = knn_monitor(self.dino, self.info) or False
+        if not self._monitor:
+            return {}
+        return self._monitor(unwrap(model).teacher.backbone, self.info.device)
