@@ -1,5 +1,6 @@
-"""Logging for runs: a text log (`log.txt`), machine-readable scalars (`metrics.jsonl`) and
-tensorboard (`tb/`). Only rank 0 writes files; other ranks log warnings to stderr."""
+"""Logging for runs: a text log (`log.txt`), machine-readable scalars (`metrics.jsonl`),
+tensorboard (`tb/`) and, when asked for and installed, Weights & Biases. Only rank 0 writes;
+other ranks log warnings to stderr."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from baton.errors import BatonError
 
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -36,10 +39,21 @@ def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.L
 class MetricsWriter:
     """Appends scalars to `metrics.jsonl` and tensorboard. A no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
+        if enabled and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise BatonError(f"wandb_project={wandb_project!r} is set but wandb is not installed: "
+                                 f"`pip install wandb` (and `wandb login`), or unset it") from None
+            # resume="allow" with the run directory's name as id: a resumed run continues the same curve
+            self._wandb = wandb.init(project=wandb_project, name=Path(run_dir).name, dir=str(run_dir),
+                                     id=Path(run_dir).resolve().name, resume="allow", config=config or {})
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
@@ -58,10 +72,14 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), step)
+        if self._wandb is not None:
+            self._wandb.log({k: float(v) for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

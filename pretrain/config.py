@@ -80,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 500         # steps; a checkpoint is also written at the end
     keep_last: int = 3                  # checkpoints kept (0 keeps all)
     log_every: int = 10                 # steps between metrics.jsonl rows
+    wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)
     device: str = "auto"                # auto | cpu | cuda
     # torch intra-op threads in each training process (None: torch's default, one per core). On a
     # small CPU box shared with loader workers or other jobs, 1 avoids OpenMP oversubscription.

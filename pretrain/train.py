@@ -142,7 +142,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
              "%.2f M parameters", cfg.method, strategy.name, len(shards.urls), num_samples, spe, accum,
              info.world_size, total, n_params / 1e6)
 
-    metrics = MetricsWriter(run_dir, enabled=info.is_main)
+    metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_project=cfg.train.wandb_project,
+                            config={"config": to_yaml(cfg)})
     global_batch = cfg.data.batch_size * accum * info.world_size
     progress = tqdm(total=total, initial=step, disable=not info.is_main, desc="pretrain", dynamic_ncols=True)
     window = (time.perf_counter(), step)

@@ -113,3 +113,34 @@ def test_config_changes_on_resume():
     changes = config_changes(saved, _Cfg(name="a", optim=_Optim(lr=0.5)))
     assert changes == ["optim.lr: 0.001 -> 0.5"]
     assert config_changes(saved, _Cfg(name="b"), ignore=("name",)) == []
+
+
+def test_metrics_go_to_wandb_when_asked_and_fail_clearly_without_it(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from baton.errors import BatonError
+    from baton.logs import MetricsWriter, read_metrics
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(BatonError, match="pip install wandb"):
+        MetricsWriter(tmp_path / "a", wandb_project="baton")
+    calls = []
+
+    class FakeRun:
+        def log(self, row, step):
+            calls.append(("log", row, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    w = MetricsWriter(tmp_path / "run1", tensorboard=False, wandb_project="baton", config={"lr": 1})
+    w.log(3, loss=0.5)
+    w.close()
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "baton" and calls[0][1]["resume"] == "allow"
+    assert calls[0][1]["config"] == {"lr": 1} and calls[0][1]["id"] == "run1"
+    assert calls[1:] == [("log", {"loss": 0.5}, 3), ("finish",)]
+    assert read_metrics(tmp_path / "run1" / "metrics.jsonl")[0]["loss"] == 0.5
+    assert MetricsWriter(tmp_path / "off", enabled=False, wandb_project="baton")._wandb is None  # rank != 0
