@@ -59,6 +59,13 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over ranks, in place (unchanged without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def broadcast_object(obj, src: int = 0):
     """Broadcast a picklable object from `src` to all ranks (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from baton.distributed import DistInfo
+from baton.distributed import DistInfo, all_reduce_sum
 from baton.errors import BatonError
 from pretrain.config import EvalConfig
 from pretrain.data.labelled import LabelledSample, read_labelled
@@ -95,12 +95,6 @@ def _gather_rows(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
-
-
-def _sum_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
 
 
 def _groups(rows: torch.Tensor) -> torch.Tensor:
@@ -219,8 +213,8 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
                                     device=device)
         zeroshot = count_hits(local_images, class_group[local_labels], all_weights, class_group[all_classes],
                               KS, ecfg.chunk_size)
-        totals = _sum_over_ranks(torch.cat([image_to_text, text_to_image, zeroshot,
-                                            torch.tensor([bad], dtype=torch.long, device=device)]), info)
+        totals = all_reduce_sum(torch.cat([image_to_text, text_to_image, zeroshot,
+                                           torch.tensor([bad], dtype=torch.long, device=device)]))
     finally:
         model.train(was_training)
     n = len(valid)

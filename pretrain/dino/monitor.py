@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torchvision.transforms as T
 from torch import nn
 
-from baton.distributed import DistInfo
+from baton.distributed import DistInfo, all_reduce_sum
 from baton.errors import BatonError
 from pretrain.data.labelled import LabelledSet, read_labelled
 from pretrain.data.samples import Rejected, decode_image
@@ -47,12 +47,6 @@ def memory_query_split(labels: list[str]) -> tuple[list[int], list[int]]:
         (memory if seen[label] % 2 == 0 else query).append(i)
         seen[label] += 1
     return memory, query
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class KnnMonitor:
@@ -117,7 +111,7 @@ class KnnMonitor:
             idx = torch.tensor(rows, device=device)
             feats[idx] = torch.cat(chunks)
             valid[idx] = 1.0
-        return _all_reduce_sum(feats), _all_reduce_sum(valid) > 0
+        return all_reduce_sum(feats), all_reduce_sum(valid) > 0
 
     def __call__(self, backbone: nn.Module, device: torch.device) -> dict[str, float]:
         labelled = self.labelled()
