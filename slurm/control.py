@@ -136,15 +136,23 @@ def status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="baton status", description="state of a run submitted with baton submit")
     p.add_argument("run_dir", help="the run directory (or a shards job's --out)")
     p.add_argument("--wait", action="store_true", help="block until the job has ended")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: stop waiting after SECONDS; exit 124 if a job is still running")
     args = p.parse_args(argv)
+    if args.timeout is not None and (not args.wait or args.timeout <= 0):
+        p.error("--timeout needs --wait and a positive number of seconds")
     record = read_record(args.run_dir)
     jobs = jobs_of(record)
-    outs = wait(jobs) if args.wait else [outcome(j) for j in jobs]
+    outs = wait(jobs, timeout_s=args.timeout) if args.wait else [outcome(j) for j in jobs]
     print(f"{record['stage']} job in {args.run_dir} (logs in {record['log_folder']})")
     restarts = restarts_of(record)
     if restarts:
         print(f"restarts (preemption / time limit): {restarts}")
-    return report(outs)
+    code = report(outs)
+    if args.wait and not all(o.done for o in outs):
+        print(f"still running after {args.timeout:g} s: `baton status {args.run_dir} --wait` waits again")
+        return 124
+    return code
 
 
 def restarts_of(record: dict[str, Any]) -> int:

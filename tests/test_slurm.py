@@ -335,6 +335,9 @@ def test_cancelled_job_is_reported_cancelled(slurm_cluster, tmp_path, synthetic_
     assert cli_main(["submit", "pretrain", str(cfg), "cluster.time=10"]) == 0
     job_id = _record(tmp_path / "run")["job_ids"][0]
     _wait_until(lambda: _sacct_state(job_id) == "RUNNING", 240, f"job {job_id} to start")
+    capsys.readouterr()
+    assert cli_main(["status", str(tmp_path / "run"), "--wait", "--timeout", "2"]) == 124
+    assert "still running after 2 s" in capsys.readouterr().out
     assert cli_main(["cancel", str(tmp_path / "run")]) == 0
     (out,) = wait(jobs_of(_record(tmp_path / "run")), timeout_s=120)
     assert out.state == "CANCELLED", out.message
