@@ -136,10 +136,16 @@ class EpochStream(torch.utils.data.IterableDataset):
                     return
 
 
+def _as_is(batch: tuple) -> tuple:
+    return batch
+
+
 def _loader(stream: EpochStream) -> torch.utils.data.DataLoader:
+    # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
+    # default_convert, which walks every key and state in the meta dict of every batch.
     workers = max(0, stream.dcfg.workers)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None, collate_fn=_as_is)
 
 
 def make_loader(shards: ShardList | Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,
