@@ -19,8 +19,10 @@ Why it is built like this:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
+import platform
 import random
 import time
 from collections import Counter
@@ -128,7 +130,7 @@ class EpochStream(torch.utils.data.IterableDataset):
             if len(rows) == self.dcfg.batch_size:
                 # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops):
                 # each position is stacked into one batch tensor.
-                yield (*(torch.stack(column) for column in zip(*rows)),
+                yield (*(_stack(column, shared=info is not None) for column in zip(*rows)),
                        {"worker": logical, "keys": keys, "state": tally.state()})
                 rows, keys = [], []
                 quota -= 1
@@ -140,12 +142,41 @@ def _as_is(batch: tuple) -> tuple:
     return batch
 
 
+def _stack(column: tuple[torch.Tensor, ...], shared: bool) -> torch.Tensor:
+    """torch.stack; in a worker process straight into shared memory (as torch's default_collate
+    does), so that handing the batch to the main process does not copy it once more."""
+    if not shared:
+        return torch.stack(column)
+    first = column[0]
+    storage = first._typed_storage()._new_shared(len(column) * first.numel(), device=first.device)
+    return torch.stack(column, out=first.new(storage).resize_(len(column), *first.shape))
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Let a worker's freed memory stay in its heap (glibc only; what MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ do, set per worker, not for the training process).
+
+    Why: a worker keeps a batch's sample tensors (a 224 px float image is 600 KB) until it stacks
+    them. With glibc's default thresholds that pattern hands memory back to the kernel and takes it
+    again for every sample's transform (mmap/munmap, heap trimming: page faults and zeroing), which
+    made decoding and transforming in a worker 1.3-1.6x slower than the same work in a plain loop
+    (BENCHMARKS.md, loader section). A worker's heap then stays at its peak (a few batches).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)      # the largest value glibc accepts on 64-bit
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 def _loader(stream: EpochStream) -> torch.utils.data.DataLoader:
     # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
     # default_convert, which walks every key and state in the meta dict of every batch.
     workers = max(0, stream.dcfg.workers)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None, collate_fn=_as_is)
+                                       prefetch_factor=4 if workers else None, collate_fn=_as_is,
+                                       worker_init_fn=_worker_init if workers else None)
 
 
 def make_loader(shards: ShardList | Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,
