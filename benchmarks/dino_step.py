@@ -19,11 +19,19 @@ not counted). `--repeats` interleaved runs each; the best run of each counts (th
 shared), all are printed.
 
     python benchmarks/dino_step.py [--config configs/dino_demo.yaml] [--steps 8] [--skip 2] [--repeats 3]
+
+`--losses`: instead of timing, one run of each for `--steps` steps and their losses every 5 steps
+side by side: is a collapse (the loss going to ln(out_dim)) the engine's or the recipe's? (The
+reference loop keeps lr, momentum and weight decay constant; the engine runs its schedules.)
+
+    python benchmarks/dino_step.py --losses --steps 55 [overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import platform
 import subprocess
 import sys
@@ -56,8 +64,9 @@ def H(teacher_out: torch.Tensor, student_out: torch.Tensor, center: torch.Tensor
     return -(t * F.log_softmax(student_out / tps, dim=-1)).sum(dim=-1).mean()
 
 
-def reference_run(cfg: PretrainConfig, steps: int, skip: int) -> float:
-    """Seconds for steps skip+1..steps of the paper's loop, same networks and loader."""
+def reference_run(cfg: PretrainConfig, steps: int, skip: int, losses: list[float] | None = None) -> float:
+    """Seconds for steps skip+1..steps of the paper's loop, same networks and loader (each step's
+    loss appended to `losses` if given)."""
     torch.manual_seed(cfg.seed)
     method = DinoMethod(cfg, DistInfo())
     d = method.dino
@@ -88,11 +97,31 @@ def reference_run(cfg: PretrainConfig, steps: int, skip: int) -> float:
                 center = d.center_momentum * center + (1 - d.center_momentum) * torch.cat(t_out).mean(0, keepdim=True)
             step += 1
             stamps[step] = time.perf_counter()
+            if losses is not None:
+                losses.append(loss.item())
             if step == steps:
                 break
     finally:
         batches.close()
     return stamps[steps] - stamps[skip]
+
+
+def compare_losses(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(PretrainConfig, args.config, [
+            f"run_dir={tmp}/run", f"data.train_shards={args.shards}", f"data.batch_size={args.batch_size}",
+            f"train.max_steps={args.steps}", "train.checkpoint_every=1000000", "train.log_every=5",
+            "train.strategy=ddp", "train.eval_every=0", f"train.threads={args.threads}", *args.overrides])
+        reference: list[float] = []
+        reference_run(cfg, args.steps, 1, reference)
+        train(cfg)
+        rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+        engine = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    print(f"ln(out_dim) = {math.log(cfg.dino.out_dim):.2f}; config {args.config} {' '.join(args.overrides)}")
+    print("| step | baton engine | paper pseudo-code loop |\n|---:|---:|---:|")
+    for step in sorted(engine):
+        print(f"| {step} | {engine[step]:.2f} | {reference[step - 1]:.2f} |")
 
 
 def main() -> None:
@@ -104,8 +133,11 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--losses", action="store_true", help="compare loss trajectories instead of timing")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args()
+    if args.losses:
+        return compare_losses(args)
     if not 0 < args.skip < args.steps:
         ap.error("need 0 < --skip < --steps")
     torch.set_num_threads(args.threads)
