@@ -82,6 +82,7 @@ def reference_run(cfg: PretrainConfig, steps: int, skip: int, losses: list[float
     batches = loader.epoch_batches()
     try:
         for *crops, _keys in batches:
+            crops = method.on_device(tuple(crops))  # the loader hands images over as uint8
             s_out = gs(crops).chunk(n_crops)        # student: every view
             with torch.no_grad():
                 t_out = gt(crops[:2]).chunk(2)      # teacher: the global views only

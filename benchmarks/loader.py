@@ -6,6 +6,9 @@ tokenizer (tokenisation is not what is measured). Same shards, same worker count
 size and shuffle buffer:
 
 - baton:      `pretrain.data.make_loader` (epoch-exact and resampled), one epoch of N // B batches;
+              the workers normalise (`data.image_handoff` on a CPU); the "uint8" row hands images
+              over as uint8 and leaves the normalisation to the device, as a GPU run does (so
+              that row does less work on the CPU than the others: read it as what reaches a GPU);
 - webdataset: wds.WebDataset(urls, shardshuffle, split_by_worker).shuffle().decode("pil")
               .to_tuple().map_tuple().batched() in a DataLoader;
 - decode limit: the same images already in memory, decoded and transformed in a plain loop in
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import SampleToPair, make_loader, resolve_sources, steps_per_epoch  # noqa: E402
+from pretrain.data.uint8_images import split_normalize  # noqa: E402
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -60,11 +64,17 @@ def make_transform(size: int):
                                transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
-def run_baton(shards: str, mode: str, workers: int, batch: int, buffer: int, size: int) -> tuple[int, float]:
+def run_baton(shards: str, mode: str, workers: int, batch: int, buffer: int, size: int,
+              handoff: str = "float") -> tuple[int, float]:
+    """handoff "float": the workers normalise (a CPU run's `data.image_handoff: auto`); "uint8": they
+    hand over uint8 images and the normalisation is left to the device (a GPU run's), not timed here."""
     sources = resolve_sources(shards)
     dcfg = DataConfig(train_shards=shards, mode=mode, workers=workers, batch_size=batch, shuffle_buffer=buffer)
     steps = steps_per_epoch(sources.num_samples, batch, 1)
-    to_pair = SampleToPair(make_transform(size), tokenize, "txt")
+    transform = make_transform(size)
+    if handoff == "uint8":
+        transform, _ = split_normalize(transform)
+    to_pair = SampleToPair(transform, tokenize, "txt")
     start, n = time.perf_counter(), 0
     for images, _, _ in make_loader(sources, dcfg, to_pair, seed=0, epoch=0, rank=0, steps=steps):
         n += images.shape[0]
@@ -160,6 +170,7 @@ def benchmark(args: argparse.Namespace) -> int:
     common = (args.workers, args.batch_size, args.shuffle_buffer, args.size)
     runs = {"baton epoch_exact": lambda: run_baton(args.shards, "epoch_exact", *common),
             "baton resampled": lambda: run_baton(args.shards, "resampled", *common),
+            "baton epoch_exact, uint8": lambda: run_baton(args.shards, "epoch_exact", *common, handoff="uint8"),
             "bare webdataset": lambda: run_webdataset(args.shards, *common),
             "decode limit (1 process)": lambda: run_decode_limit(images, args.size),
             f"decode limit ({args.workers} at once)": lambda: run_decode_limit_parallel(images, args.size,

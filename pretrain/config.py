@@ -37,6 +37,10 @@ class DataConfig:
     shuffle_buffer: int = 500           # samples held for shuffling inside each worker
     caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
     log_skipped_every_s: float = 60.0   # at most one log line per this many seconds about skipped samples
+    # How workers hand images to the trainer: "uint8" (4x fewer bytes, normalised on the device),
+    # "float" (normalised in the workers) or "auto": uint8 when training on a GPU, float on a CPU
+    # (where the workers are the parallel part). Both give the same float32 images, bit for bit.
+    image_handoff: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ class PretrainMethod:
         # Set by `baton export` before `export` is called: {"checkpoint": path, "step": n}; a method
         # puts it (with its name) under the handoff's `source` key.
         self.source: dict = {}
+        # Set by sample_map when its workers hand images over as uint8 (pretrain.data.uint8_images):
+        # `on_device` turns them into normalised floats.
+        self.batch_normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def build_model(self) -> nn.Module:
         """ONE module holding everything that is trained or checkpointed. Parameters with
@@ -53,6 +56,13 @@ class PretrainMethod:
         """(raw webdataset sample, per-sample seed) -> tuple of tensors; the loader stacks each position
         into a batch and yields (*tensors, keys). Raise `pretrain.data.Rejected` to skip and count a sample."""
         raise NotImplementedError
+
+    def on_device(self, batch: tuple) -> tuple:
+        """The loader's batch just moved to the device, before the strategy casts its dtype: images
+        the workers handed over as uint8 become normalised float32 (tokens and other tensors pass)."""
+        if self.batch_normalize is None:
+            return batch
+        return tuple(self.batch_normalize(t) if t.dtype == torch.uint8 else t for t in batch)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimiser groups ({"params": [...], "weight_decay": wd, optional "name"}); the engine builds

@@ -184,7 +184,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 last = micro == accum - 1
                 with strategy.accumulating(last):
                     with strategy.autocast():
-                        loss, extras = method.loss(net, strategy.prepare(tuple(tensors)), step, total)
+                        loss, extras = method.loss(net, strategy.prepare(tuple(tensors), method.on_device), step, total)
                     strategy.backward(loss, accum, last)
                 losses.append(loss.detach().float())
                 keys += list(micro_keys)

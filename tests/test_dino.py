@@ -349,10 +349,10 @@ def test_config_dino_sections_load(tmp_path, name):
     assert cfg.global_crop_size > cfg.local_crop_size
     if name == "dino_demo.yaml":   # the demo's model and crops build and run on a 64 px image
         method = DinoMethod(SimpleNamespace(dino=cfg, data=SimpleNamespace(
-            num_samples=128, batch_size=64, train_shards=None)), DistInfo())
+            num_samples=128, batch_size=64, train_shards=None, image_handoff="uint8")), DistInfo())
         crops = method.sample_map(None)(png_sample(size=64), 0)
         assert [t.shape[-1] for t in crops] == [64, 64] + [32] * cfg.n_local_crops
         model = method.build_model()
         with torch.no_grad():
-            s_out, t_out = model(*(c[None] for c in crops))
+            s_out, t_out = model(*method.on_device(tuple(c[None] for c in crops)))
         assert s_out.shape == (2 + cfg.n_local_crops, cfg.out_dim) and t_out.shape == (2, cfg.out_dim)

@@ -167,3 +167,22 @@ def test_engine_resume_equals_uninterrupted_and_exports(synthetic_shards, tmp_pa
     reference.load_state_dict(teacher)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), reference.eval()(x))
+
+
+@pytest.mark.slow
+def test_uint8_image_handoff_trains_the_same_weights(synthetic_shards, tmp_path):
+    """Crops handed over by the worker as uint8 and normalised by the method on arrival (what a GPU
+    run does) train exactly the weights of crops normalised in the worker."""
+    from baton.checkpoint import load_checkpoint
+    from pretrain.strategies import full_model_state
+
+    states = []
+    for handoff in ("float", "uint8"):
+        run = tmp_path / handoff
+        assert run_engine(synthetic_shards, run, f"data.image_handoff={handoff}", "train.max_steps=4") == 0
+        state, meta = load_checkpoint(run)
+        states.append(full_model_state(meta["path"], state))
+    a, b = states
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -89,6 +89,20 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, synthetic_sh
 
 
 @pytest.mark.slow
+def test_uint8_image_handoff_trains_the_same_weights(tmp_path, synthetic_shards):
+    """Images handed over by the workers as uint8 and normalised on arrival (data.image_handoff
+    auto on a GPU) train exactly the weights of images normalised in the workers (auto on a CPU)."""
+    cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "unused", synthetic_shards, data={"workers": 1})
+    states = []
+    for handoff in ("float", "uint8"):
+        assert cli_main(["pretrain", str(cfg), f"run_dir={tmp_path / handoff}", f"data.image_handoff={handoff}",
+                         "train.max_steps=4"]) == 0
+        states.append(load_checkpoint(tmp_path / handoff)[0]["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert cli_main(["pretrain", str(cfg), f"run_dir={tmp_path / 'bad'}", "data.image_handoff=bytes"]) != 0
+
+
+@pytest.mark.slow
 def test_loader_is_deterministic_and_epochs_differ(synthetic_shards):
     from baton.config import load_config
     from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, preprocess_cfg

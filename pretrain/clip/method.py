@@ -25,6 +25,7 @@ from baton.io import atomic_path
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
 from pretrain.data import SampleToPair
+from pretrain.data.uint8_images import hands_over_uint8, split_normalize
 from pretrain.method import PretrainMethod
 
 TEXT_WEIGHTS = "text_tower.safetensors"
@@ -51,6 +52,8 @@ class ClipMethod(PretrainMethod):
 
     def sample_map(self, model: nn.Module) -> SampleToPair:
         train_transform = build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0]
+        if hands_over_uint8(self.cfg.data.image_handoff, self.info.device):  # normalised by on_device
+            train_transform, self.batch_normalize = split_normalize(train_transform)
         return SampleToPair(train_transform, build_tokenizer(self.cfg.model), self.cfg.data.caption)
 
     def param_groups(self, model: nn.Module) -> list[dict]:

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 
 from baton.errors import BatonError
 from pretrain.data import decode_image, seeded_transform
+from pretrain.data.uint8_images import BatchNormalize
 from pretrain.dino.config import DinoConfig
 
 
@@ -29,9 +30,10 @@ def _blur(p: float, sigma: list[float]) -> T.RandomApply:
 
 
 class MultiCrop:
-    """(raw webdataset sample, seed) -> (global1, global2, local1, ..., localN) normalised tensors."""
+    """(raw webdataset sample, seed) -> (global1, global2, local1, ..., localN) normalised tensors,
+    or with `uint8` the same crops as uint8 tensors and `batch_normalize` to finish them per batch."""
 
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg: DinoConfig, uint8: bool = False):
         if len(cfg.blur_prob) != 3:
             raise BatonError(f"dino.blur_prob must be 3 probabilities (global 1, global 2, locals), "
                              f"got {cfg.blur_prob}")
@@ -47,7 +49,8 @@ class MultiCrop:
             T.RandomApply([T.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_prob),
             T.RandomGrayscale(p=cfg.gray_scale_prob),
         ]
-        normalize = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+        normalize = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+        self.batch_normalize = BatchNormalize(cfg.mean, cfg.std) if uint8 else None
 
         def crop(size: int, scale: list[float]) -> T.RandomResizedCrop:
             return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)

@@ -29,6 +29,7 @@ from baton.handoff import write_handoff
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
+from pretrain.data.uint8_images import hands_over_uint8
 from pretrain.dino.loss import dino_loss, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
@@ -99,7 +100,10 @@ class DinoMethod(PretrainMethod):
         return DinoModel(self.dino)
 
     def sample_map(self, model) -> MultiCrop:
-        return MultiCrop(self.dino)
+        uint8 = hands_over_uint8(self.cfg.data.image_handoff, self.info.device)
+        crops = MultiCrop(self.dino, uint8=uint8)      # uint8 crops are normalised by on_device
+        self.batch_normalize = crops.batch_normalize
+        return crops
 
     def param_groups(self, model) -> list[dict]:
         """The student's trainable parameters (utils.get_params_groups): no weight decay on biases

@@ -72,9 +72,11 @@ class Strategy:
     def autocast(self) -> ContextManager:
         return nullcontext()
 
-    def prepare(self, batch: tuple) -> tuple:
-        """The loader's tensors on the device (and in the dtype the wrapped module takes)."""
-        return tuple(t.to(self.info.device, non_blocking=True) for t in batch)
+    def prepare(self, batch: tuple, on_device: Callable[[tuple], tuple] | None = None) -> tuple:
+        """The loader's tensors on the device, through `on_device` (the method's: uint8 images
+        normalised), then in the dtype the wrapped module takes."""
+        batch = tuple(t.to(self.info.device, non_blocking=True) for t in batch)
+        return on_device(batch) if on_device is not None else batch
 
     def accumulating(self, last: bool) -> ContextManager:
         """Context of one micro-batch's forward+backward; `last` is the one before the optimiser step."""

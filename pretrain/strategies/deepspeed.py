@@ -32,6 +32,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -180,8 +181,8 @@ class DeepSpeedStrategy(Strategy):
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return engine, ds_optimizer
 
-    def prepare(self, batch: tuple) -> tuple:
-        batch = super().prepare(batch)
+    def prepare(self, batch: tuple, on_device: Callable[[tuple], tuple] | None = None) -> tuple:
+        batch = super().prepare(batch, on_device)
         if self.dtype is None:
             return batch
         return tuple(t.to(self.dtype) if t.is_floating_point() else t for t in batch)
