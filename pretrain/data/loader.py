@@ -129,8 +129,9 @@ class EpochStream(torch.utils.data.IterableDataset):
             keys.append(sample["__key__"])
             if len(rows) == self.dcfg.batch_size:
                 # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops):
-                # each position is stacked into one batch tensor.
-                yield (*(_stack(column, shared=info is not None) for column in zip(*rows)),
+                # each position is stacked into one batch tensor by torch's default_collate, which in
+                # a worker stacks straight into shared memory (no second copy on the way out).
+                yield (*(torch.utils.data.default_collate(column) for column in zip(*rows)),
                        {"worker": logical, "keys": keys, "state": tally.state()})
                 rows, keys = [], []
                 quota -= 1
@@ -140,16 +141,6 @@ class EpochStream(torch.utils.data.IterableDataset):
 
 def _as_is(batch: tuple) -> tuple:
     return batch
-
-
-def _stack(column: tuple[torch.Tensor, ...], shared: bool) -> torch.Tensor:
-    """torch.stack; in a worker process straight into shared memory (as torch's default_collate
-    does), so that handing the batch to the main process does not copy it once more."""
-    if not shared:
-        return torch.stack(column)
-    first = column[0]
-    storage = first._typed_storage()._new_shared(len(column) * first.numel(), device=first.device)
-    return torch.stack(column, out=first.new(storage).resize_(len(column), *first.shape))
 
 
 def _worker_init(_worker_id: int) -> None:
