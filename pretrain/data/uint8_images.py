@@ -42,8 +42,9 @@ class BatchNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"BatchNormalize takes uint8 images, got {images.dtype}")
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return images.to(torch.float32).div(255).sub_(mean).div_(std)
+        if self.mean.device != images.device:  # moved once, not copied to the GPU every batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
         return f"BatchNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"

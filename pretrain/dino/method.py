@@ -26,10 +26,10 @@ from torch import nn
 from baton.distributed import DistInfo
 from baton.errors import BatonError
 from baton.handoff import write_handoff
+from pretrain.data.uint8_images import hands_over_uint8
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
-from pretrain.data.uint8_images import hands_over_uint8
 from pretrain.dino.loss import dino_loss, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
