@@ -26,7 +26,7 @@ import platform
 import random
 import time
 from collections import Counter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -34,6 +34,7 @@ from webdataset.utils import make_seed
 
 from baton.errors import BatonError
 from pretrain.config import DataConfig
+from pretrain.data.batch_buffers import BatchBuffers, GiveBack
 from pretrain.data.samples import Rejected, SampleMap, Tally, group_samples, shard_files
 from pretrain.data.sources import ShardList, Sources
 
@@ -65,6 +66,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         self.steps, self.start = steps, start
         self.workers = max(1, dcfg.workers)
         self.states = states or [None] * self.workers
+        self.freed: list | None = None   # GiveBack's channels, one per logical worker (set per pass)
 
     def _passes(self, logical: int, where: str) -> Iterator[Iterator[tuple[int, str]]]:
         """Passes over this reader's shards, each a run of (position, url): resampled mode has one
@@ -110,7 +112,9 @@ class EpochStream(torch.utils.data.IterableDataset):
         tally = Tally(self.states[logical], where)
         base = make_seed(self.seed, self.epoch)
         samples = itertools.islice(self._samples(logical, tally), tally.consumed, None)  # resume: no decoding
-        rows, keys = [], []
+        buffers = BatchBuffers(self.dcfg.batch_size, self.freed[logical] if self.freed else None,
+                               shared=info is not None)
+        keys = []
         for sample in samples:
             index = tally.consumed
             tally.consumed += 1
@@ -125,15 +129,15 @@ class EpochStream(torch.utils.data.IterableDataset):
                                      f"fix or rewrite the shards (`baton shards`)") from None
                 continue
             tally.reject_run = 0
-            rows.append(row)
             keys.append(sample["__key__"])
-            if len(rows) == self.dcfg.batch_size:
-                # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops):
-                # each position is stacked into one batch tensor by torch's default_collate, which in
-                # a worker stacks straight into shared memory (no second copy on the way out).
-                yield (*(torch.utils.data.default_collate(column) for column in zip(*rows)),
-                       {"worker": logical, "keys": keys, "state": tally.state()})
-                rows, keys = [], []
+            # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops); each
+            # goes into its row of the batch at once (batch_buffers: reused shared-memory buffers).
+            if buffers.add(row, sample["__key__"]):
+                del row  # nothing here may hold the batch's buffers once it is sent (see GiveBack)
+                columns, slot = buffers.take()
+                yield (*columns, {"worker": logical, "buffer": slot, "keys": keys, "state": tally.state()})
+                del columns
+                keys = []
                 quota -= 1
                 if quota == 0:
                     return
@@ -147,11 +151,12 @@ def _worker_init(_worker_id: int) -> None:
     """Let a worker's freed memory stay in its heap (glibc only; what MALLOC_MMAP_THRESHOLD_ and
     MALLOC_TRIM_THRESHOLD_ do, set per worker, not for the training process).
 
-    Why: a worker keeps a batch's sample tensors (a 224 px float image is 600 KB) until it stacks
-    them. With glibc's default thresholds that pattern hands memory back to the kernel and takes it
-    again for every sample's transform (mmap/munmap, heap trimming: page faults and zeroing), which
-    made decoding and transforming in a worker 1.3-1.6x slower than the same work in a plain loop
-    (BENCHMARKS.md, loader section). A worker's heap then stays at its peak (a few batches).
+    Why: a worker allocates and frees several large tensors per sample (a 224 px float image is
+    600 KB: ToTensor, Normalize, the crops). With glibc's default thresholds such blocks go back to
+    the kernel and come again from it (mmap/munmap, heap trimming: page faults and zeroing), which
+    made decoding and transforming in a worker 1.3-1.6x slower than the same work in a plain loop;
+    with reused batch buffers it is still worth 3-25 % on 224 px photos (BENCHMARKS.md, loader
+    section). A worker's heap then stays at its peak (a few samples).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
@@ -161,21 +166,39 @@ def _worker_init(_worker_id: int) -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
-def _loader(stream: EpochStream) -> torch.utils.data.DataLoader:
-    # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
-    # default_convert, which walks every key and state in the meta dict of every batch.
-    workers = max(0, stream.dcfg.workers)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None, collate_fn=_as_is,
-                                       worker_init_fn=_worker_init if workers else None)
+class _Batches:
+    """A DataLoader over an EpochStream that gives every batch's buffers back to the worker that
+    filled them once the consumer has let go of them (pretrain.data.batch_buffers)."""
+
+    def __init__(self, stream: EpochStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple]:
+        workers = max(0, self.stream.dcfg.workers)
+        give_back = GiveBack(workers)
+        self.stream.freed = give_back.channels   # the workers take these with the stream
+        # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
+        # default_convert, which walks every key and state in the meta dict of every batch.
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers,
+                                             persistent_workers=False, prefetch_factor=4 if workers else None,
+                                             collate_fn=_as_is, worker_init_fn=_worker_init if workers else None)
+        try:
+            for *tensors, meta in loader:
+                give_back.received(meta["worker"], meta.pop("buffer"), tensors)
+                yield (*tensors, meta)
+                del tensors
+                give_back.release()   # before the next batch is made: in-process it can go in a freed buffer
+        finally:
+            self.stream.freed = None
+            give_back.close()
 
 
 def make_loader(shards: ShardList | Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,
-                rank: int, steps: int, world_size: int = 1) -> torch.utils.data.DataLoader:
-    """A DataLoader of one whole epoch: (images, texts, meta) batches, `steps` of them."""
+                rank: int, steps: int, world_size: int = 1) -> Iterable[tuple]:
+    """One whole epoch on a DataLoader: (images, texts, meta) batches, `steps` of them."""
     sources = shards if isinstance(shards, Sources) else Sources([shards])
-    return _loader(EpochStream(sources, dcfg, sample_map, seed=seed, epoch=epoch, rank=rank,
-                               world_size=world_size, steps=steps))
+    return _Batches(EpochStream(sources, dcfg, sample_map, seed=seed, epoch=epoch, rank=rank,
+                                world_size=world_size, steps=steps))
 
 
 class TrainLoader:
@@ -245,7 +268,7 @@ class TrainLoader:
         stream = EpochStream(self.sources, self.dcfg, self.sample_map, seed=self.seed, epoch=self.epoch,
                              rank=self.rank, world_size=self.world_size, steps=self.steps, start=self.batch,
                              states=list(self.states))
-        for *tensors, meta in _loader(stream):
+        for *tensors, meta in _Batches(stream):
             self.states[meta["worker"]] = meta["state"]
             self.batch += 1
             if self.batch == self.steps:  # the epoch is done: the position is the next epoch's start
@@ -256,6 +279,7 @@ class TrainLoader:
             else:
                 self._maybe_log()
             yield (*tensors, meta["keys"])
+            del tensors   # so that the batch's buffers can go back to their worker (batch_buffers)
             if self.batch == 0:
                 return
         raise BatonError(f"rank {self.rank}: the loader of epoch {self.epoch} ended after batch {self.batch} "
