@@ -126,3 +126,51 @@ def test_rows_that_disagree_in_shape_or_dtype_name_the_sample():
         buffers.add((torch.zeros(3, 4, 4), torch.zeros(1)), "two")
     with pytest.raises(BatonError, match="tuple of tensors"):
         BatchBuffers(3, None, shared=False).add(("a caption",), "text")
+
+
+def test_uint8_images_keep_pils_layout_and_normalise_to_the_contiguous_floats():
+    """PILToTensor's images are (H, W, C) in memory: their batch keeps that layout (a plain copy per
+    row), and BatchNormalize gives the same contiguous floats as from a (C, H, W) batch."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import PILToTensor
+
+    from pretrain.data.uint8_images import BatchNormalize
+
+    rng = np.random.default_rng(0)
+    rows = [PILToTensor()(Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8))) for _ in range(3)]
+    buffers = BatchBuffers(3, None, shared=False)
+    for i, row in enumerate(rows):
+        buffers.add((row, torch.tensor([i])), f"k{i}")
+    (images, ids), _ = buffers.take()
+    assert images.shape == (3, 3, 6, 5) and images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images, torch.stack(rows)) and torch.equal(ids, torch.tensor([[0], [1], [2]]))
+    normalize = BatchNormalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    floats = normalize(images)
+    assert floats.is_contiguous() and torch.equal(floats, normalize(torch.stack(rows).contiguous()))
+
+
+def test_uint8_rows_normalised_into_the_batch_equal_totensor_normalize():
+    """The workers' fused normalisation (a sample map's row_normalize) gives, bit for bit, what the
+    sample map's original transform (ToTensor + Normalize) stacked by torch gives."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pretrain.data.uint8_images import split_normalize
+
+    transform = T.Compose([T.Resize((9, 7), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                           T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    uint8_transform, normalize = split_normalize(transform)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)) for _ in range(4)]
+    buffers = BatchBuffers(4, None, shared=False, normalize=normalize)
+    for i, image in enumerate(images):
+        buffers.add((uint8_transform(image), torch.tensor([i])), f"k{i}")
+    (floats, ids), _ = buffers.take()
+    assert floats.dtype == torch.float32 and floats.is_contiguous() and ids.dtype == torch.long
+    assert torch.equal(floats, torch.stack([transform(image) for image in images]))
+    mixed = BatchBuffers(2, None, shared=False, normalize=normalize)
+    mixed.add((uint8_transform(images[0]),), "early")
+    with pytest.raises(BatonError, match=r"sample late: .*torch.float32 where .*torch.uint8"):
+        mixed.add((transform(images[1]),), "late")

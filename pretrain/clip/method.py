@@ -51,10 +51,13 @@ class ClipMethod(PretrainMethod):
         return model
 
     def sample_map(self, model: nn.Module) -> SampleToPair:
-        train_transform = build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0]
-        if hands_over_uint8(self.cfg.data.image_handoff, self.info.device):  # normalised by on_device
-            train_transform, self.batch_normalize = split_normalize(train_transform)
-        return SampleToPair(train_transform, build_tokenizer(self.cfg.model), self.cfg.data.caption)
+        # The transform stops at a uint8 tensor; the normalisation is done by on_device (GPU runs) or
+        # by the workers as they copy each image into its batch row (CPU runs): data.image_handoff.
+        transform, normalize = split_normalize(build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0])
+        on_device = hands_over_uint8(self.cfg.data.image_handoff, self.info.device)
+        self.batch_normalize = normalize if on_device else None
+        return SampleToPair(transform, build_tokenizer(self.cfg.model), self.cfg.data.caption,
+                            row_normalize=None if on_device else normalize)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         def exempt(name: str, p: torch.Tensor) -> bool:

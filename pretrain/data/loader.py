@@ -113,7 +113,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         base = make_seed(self.seed, self.epoch)
         samples = itertools.islice(self._samples(logical, tally), tally.consumed, None)  # resume: no decoding
         buffers = BatchBuffers(self.dcfg.batch_size, self.freed[logical] if self.freed else None,
-                               shared=info is not None)
+                               shared=info is not None, normalize=getattr(self.sample_map, "row_normalize", None))
         keys = []
         for sample in samples:
             index = tally.consumed

@@ -131,6 +131,8 @@ def group_samples(files: Iterator[dict]) -> Iterator[dict]:
 
 
 # The loader's per-sample map: (raw sample, per-sample seed) -> a tuple of tensors, or `Rejected`.
+# A map may carry `row_normalize` (a uint8_images.BatchNormalize): its uint8 images are then turned
+# into normalised float32 by the loader's workers as they copy them into the batch (batch_buffers).
 SampleMap = Callable[[dict, int], tuple]
 
 
@@ -169,12 +171,16 @@ def seeded_transform(transform: Callable, image: Image.Image, seed: int):
 
 
 class SampleToPair:
-    """Raw sample -> (image tensor, token ids): check, decode, augment and pick a caption, seeded per sample."""
+    """Raw sample -> (image tensor, token ids): check, decode, augment and pick a caption, seeded per sample.
 
-    def __init__(self, transform: Callable, tokenizer: Callable, caption: str):
+    `row_normalize`: the transform ends in a uint8 tensor and the loader's workers normalise it
+    into the batch (what ToTensor + Normalize would have given, in one pass; see SampleMap)."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, caption: str, row_normalize: Callable | None = None):
         if caption not in ("txt", "random"):
             raise BatonError(f"data.caption must be 'txt' or 'random', not {caption!r}")
         self.transform, self.tokenizer, self.caption = transform, tokenizer, caption
+        self.row_normalize = row_normalize
 
     def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, list[str]]:
         """The image and candidate captions of a raw sample, or `Rejected`."""

@@ -1,15 +1,15 @@
 """Images cross from the loader's workers to the training process as uint8 and are normalised there.
 
 Why: a 224 px image is 150 KB as uint8 and 600 KB as float32. Every byte a worker hands over is
-written into freshly mapped shared memory (page faults and zeroing), which cost 0.6-0.9 ms a
-sample on this project's CPUs against 2.1 ms of decoding and transforming it (BENCHMARKS.md,
-loader section); a GPU normalises a batch in microseconds. timm's prefetching loader does the same.
-On a CPU-only run the normalisation would move from the parallel workers to the training process,
-so `data.image_handoff: auto` hands over uint8 only when training on a GPU.
+written into shared memory, and the float conversion and normalisation are two more passes over
+the 600 KB in the worker (BENCHMARKS.md, loader section); a GPU normalises a batch in
+microseconds. timm's prefetching loader does the same. On a CPU-only run the normalisation would
+move from the parallel workers to the training process, so `data.image_handoff: auto` hands over
+uint8 only when training on a GPU.
 
 `split_normalize` takes a transform that ends in `ToTensor(), Normalize(mean, std)` (open_clip's
-and DINO's do) applied to PIL RGB images (the loader's `decode_image` gives those) and returns the same steps ending in a uint8 tensor, plus a `BatchNormalize` that
-turns a batch of those into exactly (bit for bit) what the original transform gives: x / 255,
+and DINO's do) applied to PIL RGB images (the loader's `decode_image` gives those) and returns the
+same steps ending in a uint8 tensor, plus a `BatchNormalize` that turns a batch of those into exactly (bit for bit) what the original transform gives: x / 255,
 minus mean, divided by std, the same float32 operations in the same order.
 """
 
@@ -42,9 +42,16 @@ class BatchNormalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"BatchNormalize takes uint8 images, got {images.dtype}")
-        if self.mean.device != images.device:  # moved once, not copied to the GPU every batch
-            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return images.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        # The loader's uint8 batches keep PIL's (H, W, C) layout (pretrain.data.batch_buffers): the
+        # model gets the usual contiguous (N, C, H, W) floats, as from the float hand-off.
+        return self.in_place(images.contiguous().to(torch.float32))
+
+    def in_place(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 tensor holding uint8 values (0..255) -> normalised, in place (a loader worker does
+        this in each batch row: pretrain.data.batch_buffers)."""
+        if self.mean.device != pixels.device:  # moved once, not copied to the GPU every batch
+            self.mean, self.std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return pixels.div_(255).sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
         return f"BatchNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"

@@ -31,7 +31,8 @@ def _blur(p: float, sigma: list[float]) -> T.RandomApply:
 
 class MultiCrop:
     """(raw webdataset sample, seed) -> (global1, global2, local1, ..., localN) normalised tensors,
-    or with `uint8` the same crops as uint8 tensors and `batch_normalize` to finish them per batch."""
+    or with `uint8` the same crops as uint8 tensors and `batch_normalize` to finish them per batch
+    (on the device; or set `row_normalize` to it and the loader's workers do it: see SampleMap)."""
 
     def __init__(self, cfg: DinoConfig, uint8: bool = False):
         if len(cfg.blur_prob) != 3:
@@ -51,6 +52,7 @@ class MultiCrop:
         ]
         normalize = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
         self.batch_normalize = BatchNormalize(cfg.mean, cfg.std) if uint8 else None
+        self.row_normalize: BatchNormalize | None = None
 
         def crop(size: int, scale: list[float]) -> T.RandomResizedCrop:
             return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic, antialias=True)

@@ -100,9 +100,13 @@ class DinoMethod(PretrainMethod):
         return DinoModel(self.dino)
 
     def sample_map(self, model) -> MultiCrop:
-        uint8 = hands_over_uint8(self.cfg.data.image_handoff, self.info.device)
-        crops = MultiCrop(self.dino, uint8=uint8)      # uint8 crops are normalised by on_device
-        self.batch_normalize = crops.batch_normalize
+        # uint8 crops, normalised by on_device (GPU runs) or by the workers as they copy each crop
+        # into its batch row (CPU runs): data.image_handoff.
+        crops = MultiCrop(self.dino, uint8=True)
+        if hands_over_uint8(self.cfg.data.image_handoff, self.info.device):
+            self.batch_normalize = crops.batch_normalize
+        else:
+            crops.row_normalize = crops.batch_normalize
         return crops
 
     def param_groups(self, model) -> list[dict]:
