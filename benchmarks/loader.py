@@ -1,22 +1,25 @@
 """Loader throughput: baton's loader vs a bare webdataset pipeline vs the decode limit, one run.
 
-All three do the same work per sample: decode the PNG/JPEG with PIL, convert to RGB, resize to
-SIZE x SIZE, to tensor, normalise (CLIP mean/std); captions go through the same trivial
+The loaders do the same work per sample: decode the PNG/JPEG with PIL, convert to RGB, resize
+to SIZE x SIZE, to tensor, normalise (CLIP mean/std); captions go through the same trivial
 tokenizer (tokenisation is not what is measured). Same shards, same worker count, same batch
 size and shuffle buffer:
 
-- baton:      `pretrain.data.make_loader` (epoch-exact and resampled), one epoch of N // B batches;
-              the workers normalise (`data.image_handoff` on a CPU); the "uint8" row hands images
-              over as uint8 and leaves the normalisation to the device, as a GPU run does (so
-              that row does less work on the CPU than the others: read it as what reaches a GPU);
+- baton:      `pretrain.data.make_loader` (epoch-exact and resampled), one epoch of N // B batches,
+              set up as a CPU run sets it up (`data.image_handoff: auto`): the transform stops at a
+              uint8 tensor and the workers normalise it into the batch (the float hand-off). The
+              "uint8" row is a GPU run's: images handed over as uint8, the normalisation left to the
+              device (not timed: read that row as what reaches a GPU);
 - webdataset: wds.WebDataset(urls, shardshuffle, split_by_worker).shuffle().decode("pil")
-              .to_tuple().map_tuple().batched() in a DataLoader;
-- decode limit: the same images already in memory, decoded and transformed in a plain loop in
-              one process; samples/s x workers (perfect scaling, no I/O, no IPC).
+              .to_tuple().map_tuple(ToTensor + Normalize transform).batched() in a DataLoader;
+- decode limits: a plain loop over the same images (already in memory: no I/O, no IPC) in one
+              process, its samples/s x workers (perfect scaling). Two of them: "decode+resize"
+              only decodes and resizes (the issue's words; no tensors), "+normalise" runs the
+              loaders' whole transform (decode, resize, ToTensor, Normalize).
 
 Each is run `--repeats` times, interleaved; the best run counts (the machine may be shared).
-The decode limit is also measured in `--workers` processes at once (the same loop in each), which
-is what the cores can really give; the table reports both.
+The decode limits are also measured in `--workers` processes at once (the same loop in each),
+which is what the cores can really give; the table reports both.
 
 Two kinds of shards: the demo's emoji (`--shards`, tiny 64 px PNGs, where decoding is cheap and
 any per-sample overhead shows) or `--photos N`: N synthetic photos (JPEG 512x384, smooth
@@ -66,15 +69,14 @@ def make_transform(size: int):
 
 def run_baton(shards: str, mode: str, workers: int, batch: int, buffer: int, size: int,
               handoff: str = "float") -> tuple[int, float]:
-    """handoff "float": the workers normalise (a CPU run's `data.image_handoff: auto`); "uint8": they
-    hand over uint8 images and the normalisation is left to the device (a GPU run's), not timed here."""
+    """handoff "float": the workers normalise (a CPU run's `data.image_handoff: auto`, as
+    pretrain.clip.method sets it up); "uint8": they hand over uint8 images and the normalisation is
+    left to the device (a GPU run's), not timed here."""
     sources = resolve_sources(shards)
     dcfg = DataConfig(train_shards=shards, mode=mode, workers=workers, batch_size=batch, shuffle_buffer=buffer)
     steps = steps_per_epoch(sources.num_samples, batch, 1)
-    transform = make_transform(size)
-    if handoff == "uint8":
-        transform, _ = split_normalize(transform)
-    to_pair = SampleToPair(transform, tokenize, "txt")
+    transform, normalize = split_normalize(make_transform(size))
+    to_pair = SampleToPair(transform, tokenize, "txt", row_normalize=normalize if handoff == "float" else None)
     start, n = time.perf_counter(), 0
     for images, _, _ in make_loader(sources, dcfg, to_pair, seed=0, epoch=0, rank=0, steps=steps):
         n += images.shape[0]
@@ -104,25 +106,27 @@ def load_images(shards: str) -> list[bytes]:
     return out
 
 
-def run_decode_limit(images: list[bytes], size: int) -> tuple[int, float]:
-    transform = make_transform(size)
+def run_decode_limit(images: list[bytes], size: int, normalise: bool) -> tuple[int, float]:
+    """A plain loop over the images: decode and resize only (the transform's first step, the same
+    PIL resize), or with `normalise` the loaders' whole transform (+ ToTensor + Normalize)."""
+    transform = make_transform(size) if normalise else make_transform(size).transforms[0]
     start = time.perf_counter()
     for data in images:
         transform(Image.open(io.BytesIO(data)).convert("RGB"))
     return len(images), time.perf_counter() - start
 
 
-def _decode_limit_worker(args: tuple[list[bytes], int]) -> tuple[int, float]:
+def _decode_limit_worker(args: tuple[list[bytes], int, bool]) -> tuple[int, float]:
     torch.set_num_threads(1)
     return run_decode_limit(*args)
 
 
-def run_decode_limit_parallel(images: list[bytes], size: int, workers: int) -> tuple[int, float]:
+def run_decode_limit_parallel(images: list[bytes], size: int, normalise: bool, workers: int) -> tuple[int, float]:
     """The decode-limit loop in `workers` processes at once (forked, so the images are shared): wall time."""
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.map(_decode_limit_worker, [([], size)] * workers)  # the processes are up before the clock starts
+        pool.map(_decode_limit_worker, [([], size, normalise)] * workers)  # processes up before the clock starts
         start = time.perf_counter()
-        done = pool.map(_decode_limit_worker, [(images, size)] * workers)
+        done = pool.map(_decode_limit_worker, [(images, size, normalise)] * workers)
         return sum(n for n, _ in done), time.perf_counter() - start
 
 
@@ -164,6 +168,9 @@ def main() -> int:
     return benchmark(args)
 
 
+LIMITS = {"decode+resize": False, "+normalise": True}   # name -> run_decode_limit's `normalise`
+
+
 def benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     images = load_images(args.shards)
@@ -171,27 +178,30 @@ def benchmark(args: argparse.Namespace) -> int:
     runs = {"baton epoch_exact": lambda: run_baton(args.shards, "epoch_exact", *common),
             "baton resampled": lambda: run_baton(args.shards, "resampled", *common),
             "baton epoch_exact, uint8": lambda: run_baton(args.shards, "epoch_exact", *common, handoff="uint8"),
-            "bare webdataset": lambda: run_webdataset(args.shards, *common),
-            "decode limit (1 process)": lambda: run_decode_limit(images, args.size),
-            f"decode limit ({args.workers} at once)": lambda: run_decode_limit_parallel(images, args.size,
-                                                                                         args.workers)}
+            "bare webdataset": lambda: run_webdataset(args.shards, *common)}
+    for name, normalise in LIMITS.items():
+        runs[f"{name} (1 process)"] = lambda n=normalise: run_decode_limit(images, args.size, n)
+        runs[f"{name} ({args.workers} at once)"] = \
+            lambda n=normalise: run_decode_limit_parallel(images, args.size, n, args.workers)
     best: dict[str, float] = {}
     for r in range(args.repeats):
         for name, fn in runs.items():
             n, seconds = fn()
             rate = n / seconds
             best[name] = max(best.get(name, 0.0), rate)
-            print(f"  run {r + 1} {name:<26} {n:>6} samples {seconds:6.2f} s {rate:8.1f} samples/s", flush=True)
-    limit = best.pop("decode limit (1 process)") * args.workers
-    concurrent = best.pop(f"decode limit ({args.workers} at once)")
+            print(f"  run {r + 1} {name:<30} {n:>6} samples {seconds:6.2f} s {rate:8.1f} samples/s", flush=True)
+    limits = {}
+    for name in LIMITS:
+        limits[f"{name} x{args.workers}"] = best.pop(f"{name} (1 process)") * args.workers
+        limits[f"{name} {args.workers} at once"] = best.pop(f"{name} ({args.workers} at once)")
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
           f"{args.workers} workers, batch {args.batch_size}, {len(images)} images -> {args.size}px, best of "
-          f"{args.repeats}")
-    print(f"{'loader':<26} {'samples/s':>10} {'vs webdataset':>14} {'vs decode limit':>16} {'vs at once':>11}")
-    for name, rate in [*best.items(), (f"decode limit (x{args.workers})", limit),
-                       (f"decode limit, {args.workers} at once", concurrent)]:
-        print(f"{name:<26} {rate:>10.1f} {rate / best['bare webdataset']:>13.2f}x {rate / limit:>15.2f}x "
-              f"{rate / concurrent:>10.2f}x")
+          f"{args.repeats}. Decode limits: decode+resize only (the issue's), +normalise (the loaders' whole "
+          f"transform); x{args.workers}: one process's rate x workers; at once: {args.workers} processes run.")
+    print(f"{'loader':<26} {'samples/s':>10} {'vs webdataset':>14}" + "".join(f" {'vs ' + k:>27}" for k in limits))
+    for name, rate in [*best.items(), *limits.items()]:
+        print(f"{name:<26} {rate:>10.1f} {rate / best['bare webdataset']:>13.2f}x"
+              + "".join(f" {rate / v:>26.2f}x" for v in limits.values()))
     return 0
 
 
