@@ -31,6 +31,9 @@ from baton.errors import BatonError
 
 MAX_POOL = 8   # buffers a worker keeps: prefetch_factor (4) + the batches the consumer holds + the one being filled
 Channel = Connection | deque
+# How many references a tensor storage has in this process (tensors, views, storage objects). A
+# private torch function (torch 2.x's own tests use it); without it buffers are simply not reused.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class BatchBuffers:
@@ -143,14 +146,16 @@ class GiveBack:
         self.mapped: dict[tuple[int, int], list] = {}   # reported free; kept so that its return maps nothing new
 
     def received(self, worker: int, slot: int, columns) -> None:
-        self.release()
         if slot >= 0:
             self.mapped.pop((worker, slot), None)
             self.held[(worker, slot)] = [c.untyped_storage() for c in columns]
 
     def release(self) -> None:
+        """Report every held batch that nothing else in this process refers to any more."""
+        if _use_count is None:   # a torch without it: no buffer is reported, every batch gets a new one
+            return
         for key, storages in list(self.held.items()):
-            if all(torch._C._storage_Use_Count(s._cdata) == self._alone for s in storages):
+            if all(_use_count(s._cdata) == self._alone for s in storages):
                 self.mapped[key] = self.held.pop(key)
                 worker, slot = key
                 if self.in_process:
