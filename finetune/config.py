@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
     tensorboard: bool = True
+    wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)
 
 
 @dataclass

@@ -159,7 +159,8 @@ def run(cfg: FinetuneConfig) -> dict:
     tf = build_transform(bmeta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
                          hflip=cfg.data.hflip)
     dataset = AugmentedSet(data.train, tf)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project,
+                           config={"config": to_yaml(cfg)})
     every = cfg.train.checkpoint_every or steps_per_epoch
     model.train()
     window: list[float] = []
@@ -230,8 +231,10 @@ def run(cfg: FinetuneConfig) -> dict:
         summary["metrics"] = metrics
         write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_answerable(labels),
                                                   "n_classes": int(labels.max() + 1), "split": "test"})
-        w = MetricsWriter(run_dir, tensorboard=False)
+        # the training run's wandb run again (same id, resume="allow"), so the test metrics join its curves
+        w = MetricsWriter(run_dir, tensorboard=False, wandb_project=cfg.train.wandb_project)
         w.log(step, **{f"test/{k}": v for k, v in metrics.items()})
+        w.close()
         log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return summary
 

@@ -53,13 +53,33 @@ def overrides(root: Path, handoff: Path, run: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_finetune_loss_falls_and_evaluates(setup):
+def test_finetune_loss_falls_and_evaluates(setup, monkeypatch):
+    import sys
+    import types
+
     from finetune.config import FinetuneConfig
     from finetune.train import run
 
+    logged = []   # a stand-in for wandb: what train.wandb_project sends it
+
+    class FakeRun:
+        def log(self, row, step):
+            logged.append((step, row))
+
+        def finish(self):
+            logged.append(("finish",))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: logged.append(kw) or FakeRun()))
     root, handoff = setup
-    cfg = load_config(FinetuneConfig, None, overrides(root, handoff, "run", "train.epochs=3"))
+    cfg = load_config(FinetuneConfig, None, overrides(root, handoff, "run", "train.epochs=3",
+                                                      "train.wandb_project=baton-test"))
     summary = run(cfg)
+    inits = [e for e in logged if isinstance(e, dict)]
+    assert [i["project"] for i in inits] == ["baton-test"] * 2 and inits[0]["id"] == inits[1]["id"] == "run"
+    rows = [e for e in logged if isinstance(e, tuple) and len(e) == 2]
+    assert sum(1 for _, row in rows if "loss" in row) == 12
+    assert [step for step, row in rows if "test/recall@1" in row] == [24]
+    assert logged.count(("finish",)) == 2
     rows = [r for r in read_metrics(root / "run" / "metrics.jsonl") if "loss" in r]
     assert summary["steps"] == 24 and len(rows) == 12
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
