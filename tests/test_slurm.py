@@ -344,3 +344,27 @@ def test_cancelled_job_is_reported_cancelled(slurm_cluster, tmp_path, synthetic_
     capsys.readouterr()
     assert cli_main(["status", str(tmp_path / "run")]) == 1
     assert "cancelled" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_finetune_job_trains_the_exported_backbone_and_evaluates(clip_jobs, tmp_path, capsys):
+    """The handoff's other side on the cluster: the 2-task pretraining run's export finetuned by a job."""
+    from conftest import make_synthetic_shards
+    from test_finetune import overrides
+
+    run = clip_jobs["full"]
+    assert cli_main(["status", str(run), "--wait"]) == 0
+    assert cli_main(["export", str(run), str(tmp_path / "backbone")]) == 0
+    make_synthetic_shards(tmp_path / "data" / "train", per_class=4, seed=0)
+    make_synthetic_shards(tmp_path / "data" / "test", per_class=3, seed=1)
+    (tmp_path / "ft.yaml").write_text("cluster: {time: 10}\n")   # a recipe's cluster: section is taken out
+    args = overrides(tmp_path, tmp_path / "backbone", "ft", "train.epochs=1")
+    assert cli_main(["submit", "finetune", str(tmp_path / "ft.yaml"), *args]) == 0
+    assert cli_main(["status", str(tmp_path / "ft"), "--wait", "--timeout", "300"]) == 0
+    assert "completed" in capsys.readouterr().out
+    record = _record(tmp_path / "ft")
+    assert record["executor"] == "slurm" and record["tasks"] == 1
+    ev = json.loads((tmp_path / "ft" / "eval.json").read_text())
+    assert ev["n_classes"] == 16 and 0 < ev["recall@1"] <= 1
+    assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "loss" in r] == [2, 4, 6, 8]
