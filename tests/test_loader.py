@@ -167,6 +167,27 @@ def test_weighted_sources_epoch_exact_and_resampled(tmp_path):
 # ---------------------------------------------------------------- corrupt samples
 
 
+def test_random_augmentations_are_the_same_in_a_worker_and_in_process(tmp_path):
+    """A sample's augmentation depends on its seed only: one DataLoader worker (which does not put
+    the RNG states back) gives the batches the training process itself gives (which does)."""
+    from torchvision import transforms as T
+
+    write_good_shards(tmp_path, shards=2, per_shard=8, size=16)
+    augment = T.Compose([T.RandomResizedCrop(8, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4),
+                         T.ToTensor()])
+    to_pair = SampleToPair(augment, lambda texts: torch.tensor([[len(t) for t in texts]]), "txt")
+
+    def batches(workers):
+        dcfg = data_cfg(tmp_path, workers=workers, mode="epoch_exact")
+        loader = make_loader(resolve_sources(dcfg.train_shards), dcfg, to_pair, seed=3, epoch=0, rank=0, steps=4)
+        return [(images.clone(), meta["keys"]) for images, _, meta in loader]
+
+    in_process, in_worker = batches(0), batches(1)
+    assert [k for _, k in in_process] == [k for _, k in in_worker]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(in_process, in_worker))
+    assert not torch.equal(in_process[0][0][0], in_process[0][0][1])
+
+
 def test_group_samples_marks_keys_repeated_in_a_shard_or_across_a_boundary():
     def files(*names):
         return [{"fname": n, "data": b"x", "__url__": "u"} if n else {} for n in names]
