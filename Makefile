@@ -86,7 +86,7 @@ $(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo
 	  run_dir=$(DEMO)/finetune backbone=$(DEMO)/pretrain/export
 	touch $@
 
-$(DEMO)/finetune_%/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple_%.yaml
+$(DEMO)/finetune_%/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple_%.yaml configs/demo_softtriple.yaml
 	$(BIN)/baton finetune configs/demo_softtriple_$*.yaml resume=latest $(RUNARGS) \
 	  run_dir=$(DEMO)/finetune_$* backbone=$(DEMO)/pretrain/export
 	touch $@
@@ -112,7 +112,7 @@ $(DEMO)/dino/eval_random/metrics.json: $(DEMO)/dino/export/backbone.json
 $(DEMO)/dino/eval_pretrained/metrics.json: $(DEMO)/dino/export/backbone.json
 	$(BIN)/baton evaluate $(DEMO)/dino/export --data-source shards --data-root $(DATA) --out $(DEMO)/dino/eval_pretrained
 
-$(DEMO)/dino/finetune/model/.done: $(DEMO)/dino/export/backbone.json configs/demo_softtriple_dino.yaml
+$(DEMO)/dino/finetune/model/.done: $(DEMO)/dino/export/backbone.json configs/demo_softtriple_dino.yaml configs/demo_softtriple.yaml
 	$(BIN)/baton finetune configs/demo_softtriple_dino.yaml resume=latest $(RUNARGS) \
 	  run_dir=$(DEMO)/dino/finetune backbone=$(DEMO)/dino/export
 	touch $@

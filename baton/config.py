@@ -4,6 +4,10 @@ Each stage declares its config as a dataclass; `load_config` merges, in order, t
 defaults, the YAML file and the command-line overrides, and checks keys and types against the
 dataclass. Unknown keys and wrong types raise a `BatonError` that names the key and the valid
 choices.
+
+A YAML recipe may start from another one: `base: demo_softtriple.yaml` (a path relative to the
+recipe's own folder) merges that file first and this one on top, so a variant states only what
+it changes (dinov2's and mmcv's config inheritance, one level of syntax: a file, not a list).
 """
 
 from __future__ import annotations
@@ -65,6 +69,33 @@ def read_yaml(path: str | Path, what: str = "a YAML file, e.g. configs/demo_clip
         raise BatonError(f"{path}: cannot parse YAML: {e}") from None
 
 
+BASE_KEY = "base"
+
+
+def read_recipe(path: str | Path, what: str = "a YAML file, e.g. configs/demo_clip.yaml") -> Any:
+    """The YAML file's node with its `base:` chain merged in (bases first), the `base` key removed."""
+    chain: list[Path] = []     # this file, its base, the base's base, ...
+    nodes: list[Any] = []      # their YAML, bases first
+    path = Path(path)
+    while True:
+        if path.resolve() in chain:
+            raise BatonError(f"{path}: `{BASE_KEY}:` loops back to a file already in the chain "
+                             f"({' -> '.join(str(p) for p in [*chain, path.resolve()])})")
+        node = read_yaml(path, f"the `{BASE_KEY}:` of {chain[-1]}" if chain else what)
+        chain.append(path.resolve())
+        nodes.insert(0, node)
+        base = node.get(BASE_KEY) if OmegaConf.is_dict(node) else None
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise BatonError(f"{path}: `{BASE_KEY}:` must be the path of one YAML file, not {base!r}")
+        path = path.parent / base
+    for node in nodes:
+        if OmegaConf.is_dict(node):
+            node.pop(BASE_KEY, None)
+    return OmegaConf.merge(*nodes) if len(nodes) > 1 else nodes[0]
+
+
 def load_config(schema: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
@@ -73,7 +104,7 @@ def load_config(schema: type[T], path: str | Path | None = None,
     merged = base
     if path is not None:
         path = Path(path)
-        file_cfg = read_yaml(path)
+        file_cfg = read_recipe(path)
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as e:

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from baton.config import load_config, read_yaml
+from baton.config import load_config, read_recipe
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from slurm.cluster import ClusterConfig, executor_parameters, load_cluster
@@ -64,7 +64,7 @@ def _stage_config(stage: str, rest: list[str]) -> tuple[str, Any, list[str], Any
     if not rest or rest[0].startswith("-") or "=" in rest[0]:
         raise BatonError(f"baton submit {stage}: expected CONFIG [key=value ...] after the stage\n{USAGE}")
     path, overrides = Path(rest[0]), rest[1:]
-    raw = read_yaml(path)
+    raw = read_recipe(path)   # its `base:` chain resolved: the frozen copy stands alone
     section = raw.pop("cluster", None) if OmegaConf.is_dict(raw) else None
     text = OmegaConf.to_yaml(raw)
     module, name = CONFIG_STAGES[stage]

@@ -56,6 +56,27 @@ def test_config_wrong_type_and_missing_file(tmp_path):
     assert "nope.yaml" in str(e.value)
 
 
+def test_config_base_chain_merges_bases_first_and_reports_loops_and_missing_files(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\noptim:\n  lr: 0.5\n  steps: 3\n")
+    (tmp_path / "recipes" / "mid.yaml").write_text("base: ../root.yaml\noptim:\n  steps: 5\n")
+    (tmp_path / "recipes" / "leaf.yaml").write_text("base: mid.yaml   # relative to this file\nname: leaf\n")
+    cfg = load_config(_Cfg, tmp_path / "recipes" / "leaf.yaml", ["optim.lr=0.25"])
+    assert (cfg.name, cfg.optim.lr, cfg.optim.steps) == ("leaf", 0.25, 5)   # leaf > mid > root; overrides last
+    assert load_config(_Cfg, tmp_path / "recipes" / "mid.yaml") == _Cfg("root", _Optim(0.5, 5))
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(BatonError, match="loops back"):
+        load_config(_Cfg, tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(BatonError, match=r"gone\.yaml.*the `base:` of .*orphan\.yaml"):
+        load_config(_Cfg, tmp_path / "orphan.yaml")
+    (tmp_path / "typo.yaml").write_text("base: root.yaml\noptim:\n  lrr: 1\n")
+    with pytest.raises(BatonError, match="optim.lrr"):
+        load_config(_Cfg, tmp_path / "typo.yaml")
+
+
 def test_checkpoint_atomic_latest_and_pruning(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):

@@ -95,8 +95,9 @@ def _record(run_dir: Path) -> dict:
 
 def test_dry_run_prints_the_sbatch_script_with_every_option(tmp_path, synthetic_shards, capsys):
     cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "run", synthetic_shards)
-    text = cfg.read_text() + "cluster:\n  partition: gpu\n  nodes: 3\n  mem: 64G\n"
-    cfg.write_text(text)
+    # the recipe's cluster section comes through its `base:` file
+    (tmp_path / "site.yaml").write_text("cluster:\n  partition: gpu\n  nodes: 3\n  mem: 64G\n")
+    cfg.write_text("base: site.yaml\n" + cfg.read_text())
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text("account: vision\nqos: high\nnodes: 2\nsetup: ['module load cuda']\n")
     argv = ["submit", "pretrain", str(cfg), "train.epochs=3", "--cluster", str(cluster_file),
@@ -117,6 +118,11 @@ def test_dry_run_prints_the_sbatch_script_with_every_option(tmp_path, synthetic_
         assert line in lines, (line, script)
     assert f"-m submitit.core._submit {run}/slurm/%j" in script and script.startswith("#!/bin/bash")
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    from omegaconf import OmegaConf
+
+    from slurm.submit import plan
+    frozen = OmegaConf.create(plan("pretrain", [str(cfg)])["config_text"])   # what a requeued job reads
+    assert "base" not in frozen and "cluster" not in frozen and frozen.run_dir == str(tmp_path / "run")
 
     assert cli_main(["submit", "shards", "--parts", "3", "folder", str(tmp_path), "--out", str(tmp_path / "s"),
                      "--dry-run"]) == 0
