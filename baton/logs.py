@@ -23,6 +23,8 @@ def get_logger(name: str = "baton") -> logging.Logger:
 def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.Logger:
     root = logging.getLogger("baton")
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for handler in root.handlers:   # a previous stage's in this process: its log file is closed
+        handler.close()
     root.handlers.clear()
     root.propagate = False
     h = logging.StreamHandler(sys.stderr)

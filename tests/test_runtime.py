@@ -77,6 +77,22 @@ def test_config_base_chain_merges_bases_first_and_reports_loops_and_missing_file
         load_config(_Cfg, tmp_path / "typo.yaml")
 
 
+def test_setup_logging_again_closes_the_previous_log_file(tmp_path):
+    import logging
+
+    from baton.logs import setup_logging
+
+    setup_logging(tmp_path / "a")
+    first = next(h for h in logging.getLogger("baton").handlers if isinstance(h, logging.FileHandler))
+    logging.getLogger("baton").info("stage a")
+    setup_logging(tmp_path / "b")           # the next stage in the same process (the pipeline test does this)
+    logging.getLogger("baton").info("stage b")
+    assert first.stream is None             # closed, not leaked
+    assert "stage a" in (tmp_path / "a" / "log.txt").read_text()
+    assert "stage b" in (tmp_path / "b" / "log.txt").read_text() and "stage a" not in (tmp_path / "b" / "log.txt").read_text()
+    setup_logging(None)
+
+
 def test_checkpoint_atomic_latest_and_pruning(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
