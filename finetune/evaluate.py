@@ -52,7 +52,10 @@ def knn_excluding_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def kmeans_labels(x: np.ndarray, n_clusters: int) -> np.ndarray:
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], n_clusters, niter=KMEANS_NITER, seed=KMEANS_SEED, verbose=False)
+    # min_points_per_centroid only decides whether faiss prints "please provide at least N training
+    # points" (k = the number of held-out classes always asks for more); the clustering is the same.
+    km = faiss.Kmeans(x.shape[1], n_clusters, niter=KMEANS_NITER, seed=KMEANS_SEED, verbose=False,
+                      min_points_per_centroid=1)
     km.train(x)
     _, assign = km.index.search(x, 1)
     return assign[:, 0]
