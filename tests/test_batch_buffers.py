@@ -174,3 +174,12 @@ def test_uint8_rows_normalised_into_the_batch_equal_totensor_normalize():
     mixed.add((uint8_transform(images[0]),), "early")
     with pytest.raises(BatonError, match=r"sample late: .*torch.float32 where .*torch.uint8"):
         mixed.add((transform(images[1]),), "late")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_passes_over_one_loader_at_once_keep_their_own_buffers(shards, workers):
+    loader = epoch(shards, workers)
+    for (a, a_ids, a_meta), (b, b_ids, b_meta) in zip(loader, loader):
+        assert a_meta["keys"] == b_meta["keys"]
+        check_batch(a, a_ids, a_meta["keys"])
+        check_batch(b, b_ids, b_meta["keys"])

@@ -19,6 +19,7 @@ Why it is built like this:
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import itertools
 import logging
@@ -176,10 +177,11 @@ class _Batches:
     def __iter__(self) -> Iterator[tuple]:
         workers = max(0, self.stream.dcfg.workers)
         give_back = GiveBack(workers)
-        self.stream.freed = give_back.channels   # the workers take these with the stream
+        stream = copy.copy(self.stream)    # this pass's: its workers take the channels with it
+        stream.freed = give_back.channels
         # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
         # default_convert, which walks every key and state in the meta dict of every batch.
-        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=workers,
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                              persistent_workers=False, prefetch_factor=4 if workers else None,
                                              collate_fn=_as_is, worker_init_fn=_worker_init if workers else None)
         try:
@@ -189,7 +191,6 @@ class _Batches:
                 del tensors
                 give_back.release()   # before the next batch is made: in-process it can go in a freed buffer
         finally:
-            self.stream.freed = None
             give_back.close()
 
 
