@@ -21,6 +21,7 @@ from torch import nn
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
+from pretrain.data.uint8_images import BatchNormalize, hands_over_uint8
 
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
@@ -43,8 +44,8 @@ class PretrainMethod:
         # Set by `baton export` before `export` is called: {"checkpoint": path, "step": n}; a method
         # puts it (with its name) under the handoff's `source` key.
         self.source: dict = {}
-        # Set by sample_map when its workers hand images over as uint8 (pretrain.data.uint8_images):
-        # `on_device` turns them into normalised floats.
+        # Set by place_normalization when the workers hand images over as uint8
+        # (pretrain.data.uint8_images): `on_device` turns them into normalised floats.
         self.batch_normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def build_model(self) -> nn.Module:
@@ -56,6 +57,16 @@ class PretrainMethod:
         """(raw webdataset sample, per-sample seed) -> tuple of tensors; the loader stacks each position
         into a batch and yields (*tensors, keys). Raise `pretrain.data.Rejected` to skip and count a sample."""
         raise NotImplementedError
+
+    def place_normalization(self, normalize: Optional[BatchNormalize]) -> Optional[BatchNormalize]:
+        """Where a sample map's uint8 images are normalised (`data.image_handoff`): on the device
+        (kept as `batch_normalize` for on_device; None returned) or, on a CPU run, by the loader's
+        workers in each batch row (returned: the sample map's `row_normalize`)."""
+        if hands_over_uint8(self.cfg.data.image_handoff, self.info.device):
+            self.batch_normalize = normalize
+            return None
+        self.batch_normalize = None
+        return normalize
 
     def on_device(self, batch: tuple) -> tuple:
         """The loader's batch just moved to the device, before the strategy casts its dtype: images

@@ -25,7 +25,7 @@ from baton.io import atomic_path
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
 from pretrain.data import SampleToPair
-from pretrain.data.uint8_images import hands_over_uint8, split_normalize
+from pretrain.data.uint8_images import split_normalize
 from pretrain.method import PretrainMethod
 
 TEXT_WEIGHTS = "text_tower.safetensors"
@@ -51,13 +51,10 @@ class ClipMethod(PretrainMethod):
         return model
 
     def sample_map(self, model: nn.Module) -> SampleToPair:
-        # The transform stops at a uint8 tensor; the normalisation is done by on_device (GPU runs) or
-        # by the workers as they copy each image into its batch row (CPU runs): data.image_handoff.
+        # The transform stops at a uint8 tensor; place_normalization says who normalises it.
         transform, normalize = split_normalize(build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0])
-        on_device = hands_over_uint8(self.cfg.data.image_handoff, self.info.device)
-        self.batch_normalize = normalize if on_device else None
         return SampleToPair(transform, build_tokenizer(self.cfg.model), self.cfg.data.caption,
-                            row_normalize=None if on_device else normalize)
+                            row_normalize=self.place_normalization(normalize))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         def exempt(name: str, p: torch.Tensor) -> bool:

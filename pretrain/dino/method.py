@@ -26,7 +26,6 @@ from torch import nn
 from baton.distributed import DistInfo
 from baton.errors import BatonError
 from baton.handoff import write_handoff
-from pretrain.data.uint8_images import hands_over_uint8
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
@@ -100,13 +99,8 @@ class DinoMethod(PretrainMethod):
         return DinoModel(self.dino)
 
     def sample_map(self, model) -> MultiCrop:
-        # uint8 crops, normalised by on_device (GPU runs) or by the workers as they copy each crop
-        # into its batch row (CPU runs): data.image_handoff.
-        crops = MultiCrop(self.dino, uint8=True)
-        if hands_over_uint8(self.cfg.data.image_handoff, self.info.device):
-            self.batch_normalize = crops.batch_normalize
-        else:
-            crops.row_normalize = crops.batch_normalize
+        crops = MultiCrop(self.dino, uint8=True)   # uint8 crops; place_normalization says who normalises them
+        crops.row_normalize = self.place_normalization(crops.batch_normalize)
         return crops
 
     def param_groups(self, model) -> list[dict]:
