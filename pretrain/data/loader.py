@@ -134,10 +134,9 @@ class EpochStream(torch.utils.data.IterableDataset):
             # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops); each
             # goes into its row of the batch at once (batch_buffers: reused shared-memory buffers).
             if buffers.add(row, sample["__key__"]):
-                del row  # nothing here may hold the batch's buffers once it is sent (see GiveBack)
                 columns, slot = buffers.take()
                 yield (*columns, {"worker": logical, "buffer": slot, "keys": keys, "state": tally.state()})
-                del columns
+                del columns   # this frame must not hold the batch's buffers (see GiveBack)
                 keys = []
                 quota -= 1
                 if quota == 0:

@@ -9,8 +9,9 @@ uint8 only when training on a GPU.
 
 `split_normalize` takes a transform that ends in `ToTensor(), Normalize(mean, std)` (open_clip's
 and DINO's do) applied to PIL RGB images (the loader's `decode_image` gives those) and returns the
-same steps ending in a uint8 tensor, plus a `BatchNormalize` that turns a batch of those into exactly (bit for bit) what the original transform gives: x / 255,
-minus mean, divided by std, the same float32 operations in the same order.
+same steps ending in a uint8 tensor, plus a `BatchNormalize` that turns a batch of those into
+exactly (bit for bit) what the original transform gives: x / 255, minus mean, divided by std, the
+same float32 operations in the same order.
 """
 
 from __future__ import annotations
