@@ -77,13 +77,18 @@ def test_a_consumer_that_keeps_every_batch_gets_them_all_intact(shards, workers)
 
 
 def test_the_same_batches_as_torch_default_collate(shards):
-    """Stacking row by row into reused buffers gives what stacking a batch's samples at the end gives."""
+    """Stacking row by row into reused buffers gives what torch's default_collate gives for the
+    same rows, and what a fresh buffer per batch (no pool) gives."""
     a = [(i.clone(), t.clone(), m["keys"]) for i, t, m in epoch(shards, 2)]
+    for images, ids, keys in a:   # keyed_map's rows again from each key and its seed (mod 1000)
+        rows = [keyed_map({"__key__": k}, int(seed)) for k, seed in zip(keys, ids[:, 1])]
+        want_images, want_ids = torch.utils.data.default_collate(rows)
+        assert torch.equal(images, want_images) and torch.equal(ids, want_ids)
     dcfg = data_cfg(shards, workers=2, batch_size=4, mode="epoch_exact")
     sources = resolve_sources(dcfg.train_shards)
     from pretrain.data.loader import EpochStream
 
-    stream = EpochStream(sources, dcfg, keyed_map, seed=0, epoch=0, rank=0, world_size=1, steps=24)
+    stream = EpochStream(sources, dcfg, keyed_map, seed=0, epoch=0, rank=0, world_size=1, steps=24)  # no pool
     b = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda x: x))
     assert [k for _, _, k in a] == [m["keys"] for *_, m in b]
     for (i, t, _), (i2, t2, _) in zip(a, b):
