@@ -131,16 +131,31 @@ def make_executor(ccfg: ClusterConfig, log_folder: Path, job_name: str):
     return ex
 
 
+def _script_only_executor(folder: Path):
+    """submitit's SlurmExecutor, for writing the sbatch script only. Its constructor refuses to run
+    where `srun` is not on PATH, but a dry run is what a laptop preparing a job for a cluster does:
+    nothing is submitted, so that check does not apply."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class ScriptOnlySlurmExecutor(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return ScriptOnlySlurmExecutor(folder=str(folder))
+
+
 def sbatch_script(p: dict[str, Any]) -> str:
     """The exact script submitit hands to sbatch for this plan (the same executor, not submitted)."""
     ccfg: ClusterConfig = p["cluster"]
     if ccfg.executor != "slurm":
         raise BatonError("--dry-run prints the sbatch script: not available with cluster.executor=local")
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=str(p["log_folder"] / "%j"), cluster="slurm")
-    ex.update_parameters(**executor_parameters(ccfg, f"baton-{p['stage']}"))
-    slurm_ex = ex._executor
+    slurm_ex = _script_only_executor(p["log_folder"] / "%j")
+    params = executor_parameters(ccfg, f"baton-{p['stage']}")
+    generic = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    specific = {k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")}
+    # what AutoExecutor.update_parameters does: generic names translated, slurm_* passed as they are
+    slurm_ex.update_parameters(**slurm_ex._convert_parameters(generic), **specific)
     if len(p["jobs"]) > 1:  # as submitit's own array submission does
         slurm_ex.parameters["map_count"] = len(p["jobs"])
     return slurm_ex._make_submission_file_text(slurm_ex._submitit_command_str, "dry-run")

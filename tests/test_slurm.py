@@ -129,6 +129,21 @@ def test_dry_run_prints_the_sbatch_script_with_every_option(tmp_path, synthetic_
     assert "#SBATCH --array=0-2%3" in capsys.readouterr().out.splitlines()
 
 
+def test_dry_run_needs_no_slurm_on_this_machine(tmp_path, synthetic_shards, capsys, monkeypatch):
+    """A laptop without Slurm prepares a job for a cluster: no srun or sbatch on PATH."""
+    cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "run", synthetic_shards)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("srun") is None and shutil.which("sbatch") is None
+    assert cli_main(["submit", "pretrain", str(cfg), "cluster.partition=gpu", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert script.startswith("#!/bin/bash") and "#SBATCH --partition=gpu" in script.splitlines()
+    assert "srun" in script  # the job itself still runs its tasks under srun on the cluster
+    assert cli_main(["submit", "pretrain", str(cfg)]) != 0  # a real submission still needs Slurm
+    assert "sbatch not found" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["cluster.nodez=2"], "unknown config key 'nodez'"),
     (["cluster.nodes=two"], "cluster.nodes"),
