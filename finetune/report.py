@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from baton.errors import BatonError
@@ -86,15 +87,18 @@ def plot_loss_curves(curves: list[tuple[str, Path]], out: Path) -> Path | None:
     return out
 
 
-def check_order(rows: list[dict], names: list[str]) -> tuple[bool, str]:
-    """Whether Recall@1 strictly increases along `names` (row names), and a sentence saying so."""
+def check_order(rows: list[dict], names: list[str], strict: bool = True) -> tuple[bool, str]:
+    """Whether Recall@1 increases along `names` (row names; strictly, or at least does not
+    decrease), and a sentence saying so."""
     by_name = {r["name"]: r for r in rows}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise BatonError(f"--expect-increasing names rows that are not in the table: {', '.join(missing)}")
+        flag = "--expect-increasing" if strict else "--expect-not-decreasing"
+        raise BatonError(f"{flag} names rows that are not in the table: {', '.join(missing)} "
+                         f"(rows: {', '.join(by_name)})")
     values = [by_name[n]["recall@1"] for n in names]
-    holds = all(a < b for a, b in zip(values, values[1:]))
-    chain = " < ".join(f"{n} ({100 * v:.1f})" for n, v in zip(names, values))
+    holds = all((a < b) if strict else (a <= b) for a, b in zip(values, values[1:]))
+    chain = (" < " if strict else " <= ").join(f"{n} ({100 * v:.1f})" for n, v in zip(names, values))
     return holds, f"Expected Recall@1 ordering {chain}: **{'holds' if holds else 'does NOT hold'}**."
 
 
@@ -105,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-curve", action="append", default=[], help="NAME=metrics.jsonl (repeatable)")
     p.add_argument("--grid", help="a retrieval_grid.png to link")
     p.add_argument("--title", default="baton demo: retrieval on held-out classes")
-    p.add_argument("--expect-increasing", help="NAME,NAME,...: rows whose Recall@1 should increase in this "
-                   "order; the report states whether it does (report.json: order_holds)")
+    p.add_argument("--expect-increasing", action="append", default=[], help="NAME,NAME,...: rows whose "
+                   "Recall@1 must strictly increase in this order (repeatable); the report states whether it "
+                   "does (report.json: order_holds) and the command fails (exit 1) when it does not")
+    p.add_argument("--expect-not-decreasing", action="append", default=[], help="NAME,NAME,...: as "
+                   "--expect-increasing, but equal values pass")
     p.add_argument("--seeds", nargs="+", metavar="RUN_DIR", help="instead of --row: one run directory per "
                    "seed, each with a report.json; writes mean ± std per row to --out and results.json")
     args = p.parse_args(argv)
@@ -130,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
           table, ""]
     first = rows[0]
     md += [f"{first.get('n_queries', '?')} queries over {first.get('n_classes', '?')} classes.", ""]
-    order_holds = None
-    if args.expect_increasing:
-        order_holds, line = check_order(rows, args.expect_increasing.split(","))
-        md += [line, ""]
+    checks = [check_order(rows, [n.strip() for n in chain.split(",")], strict)
+              for flag, strict in ((args.expect_increasing, True), (args.expect_not_decreasing, False))
+              for chain in flag]
+    order_holds = all(holds for holds, _ in checks) if checks else None
+    order_lines = [line for _, line in checks]
+    md += [line for line in order_lines for line in (line, "")]
     loss_png = plot_loss_curves(curves, out.parent / "loss_curves.png") if curves else None
     if loss_png:
         md += ["## Training loss", "", f"![loss curves]({os.path.relpath(loss_png, out.parent)})", ""]
@@ -150,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                        "loss_plot": str(loss_png) if loss_png else None, "grid": grid,
                        "order_holds": order_holds})
     print(table)
-    if order_holds is not None:
-        print(md[md.index(table) + 4])
+    for line in order_lines:
+        print(line)
+    if order_holds is False:
+        print(f"baton report: an expected ordering does not hold (report written to {out})", file=sys.stderr)
+        return 1
     return 0

@@ -78,3 +78,29 @@ def test_seeds_must_have_the_same_rows(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in res["rows"]] == ROWS[:2] and res["left_out"] == [ROWS[2]]
     assert "Left out (not in the first run's report): SoftTriple + ELG" in out.read_text()
+
+
+def test_an_expected_ordering_that_does_not_hold_fails_the_report(tmp_path, capsys):
+    """`--expect-increasing` / `--expect-not-decreasing` fail the command (exit 1), with the report
+    still written, when Recall@1 does not follow the order; they pass when it does."""
+    rows = {"pixels": 0.3, "scratch": 0.5, "pretrained": 0.5, "finetuned": 0.6}
+    args = ["report", "--out", str(tmp_path / "report.md")]
+    for name, r1 in rows.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({k: r1 for k in METRICS}))
+        args += ["--row", f"{name}={d}"]
+    assert cli(args + ["--expect-increasing", "pixels,finetuned",
+                       "--expect-not-decreasing", "scratch,pretrained"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["order_holds"] is True
+    for bad in (["--expect-increasing", "scratch,pretrained"],         # equal is not an increase
+                ["--expect-increasing", "pixels,finetuned", "--expect-increasing", "finetuned,pixels"],
+                ["--expect-not-decreasing", "finetuned,scratch"]):
+        (tmp_path / "report.md").unlink()
+        capsys.readouterr()
+        assert cli(args + bad) == 1, bad
+        assert "does NOT hold" in (tmp_path / "report.md").read_text()
+        assert "does not hold" in capsys.readouterr().err
+        assert json.loads((tmp_path / "report.json").read_text())["order_holds"] is False
+    assert cli(args + ["--expect-increasing", "pixels,nope"]) == 2  # an unknown row name is a clear error
+    assert "nope" in capsys.readouterr().err
