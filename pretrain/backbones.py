@@ -15,6 +15,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.handoff import read_handoff
+from pretrain.models import register_timm_models
 
 
 def _build_open_clip(meta: dict[str, Any]) -> nn.Module:
@@ -57,6 +58,7 @@ def build_backbone(meta: dict[str, Any]) -> nn.Module:
     for key in ("model_config", "embedding_dim"):
         if key not in meta:
             raise BatonError(f"backbone metadata lacks '{key}'; re-export it with `baton export`")
+    register_timm_models()  # either library may name one of baton's timm models
     return BUILDERS[library](meta)
 
 

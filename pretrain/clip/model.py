@@ -49,6 +49,9 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
     import open_clip
     from open_clip.transform import PreprocessCfg
 
+    from pretrain.models import register_timm_models
+
+    register_timm_models()  # an image tower may be one of baton's timm models (timm_model_name)
     if mcfg.config is None:
         try:
             return open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True)

@@ -82,6 +82,9 @@ def timm_kwargs(cfg: DinoConfig) -> dict[str, Any]:
 def build_backbone(cfg: DinoConfig, drop_path_rate: float = 0.0) -> nn.Module:
     import timm
 
+    from pretrain.models import register_timm_models
+
+    register_timm_models()
     kwargs = timm_kwargs(cfg)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
