@@ -15,6 +15,7 @@ class DataConfig:
     m_per_class: int = 2            # images per class in a batch (pml MPerClassSampler)
     workers: int = 0                # DataLoader worker processes (0: load in the training process)
     crop_scale_min: float = 0.6     # random resized crop scale range [crop_scale_min, 1]; 1 = no crop
+    crop_padding: int = 0           # random crop of the image padded by this many pixels (a shift); 0 = off
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
     test_resize: int = 0            # >image size: test images resized (shorter side) to this, centre-cropped
 
@@ -22,6 +23,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     embedding_dim: int = 128        # linear head width; 0 = no head (backbone features)
+    freeze_batchnorm: bool = False  # keep the backbone's BatchNorm statistics (eval mode) while training
 
 
 @dataclass
@@ -85,7 +87,9 @@ class FinetuneConfig:
     run_dir: str = "runs/finetune"
     seed: int = 0
     resume: str = ""                # "" = fresh (refuses a run_dir with checkpoints), latest, or a checkpoint path
-    backbone: str = "runs/demo/pretrain/export"   # handoff directory (baton export)
+    # handoff directory (baton export) | timm:NAME (pretrained timm weights) | random:DIR (DIR's
+    # architecture, random init: training from scratch)
+    backbone: str = "runs/demo/pretrain/export"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -38,13 +38,28 @@ META = "model.json"
 
 
 class EmbeddingModel(nn.Module):
-    """backbone (B,3,H,W) -> (B, D); optional linear head D -> E; L2-normalised output."""
+    """backbone (B,3,H,W) -> (B, D); optional linear head D -> E; L2-normalised output.
 
-    def __init__(self, backbone: nn.Module, backbone_dim: int, embedding_dim: int | None):
+    `freeze_batchnorm`: the backbone's BatchNorm layers stay in eval mode during training (their
+    running statistics are the pretrained ones; their affine weights still learn), the switch of
+    the published DML recipes (Roth et al.: small class-balanced batches make batch statistics
+    noisy)."""
+
+    def __init__(self, backbone: nn.Module, backbone_dim: int, embedding_dim: int | None,
+                 freeze_batchnorm: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone_dim, embedding_dim) if embedding_dim else None
         self.embedding_dim = embedding_dim or backbone_dim
+        self.freeze_batchnorm = freeze_batchnorm
+
+    def train(self, mode: bool = True) -> "EmbeddingModel":
+        super().train(mode)
+        if mode and self.freeze_batchnorm:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.backbone(images)
@@ -71,9 +86,11 @@ def _interp(name: str) -> T.InterpolationMode:
 
 
 def build_transform(preprocess: dict, train: bool = False, crop_scale_min: float = 0.6,
-                    hflip: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+                    hflip: bool = False, crop_padding: int = 0) -> Callable[[Image.Image], torch.Tensor]:
     """Images -> normalised tensors as the handoff says. Training adds a random resized crop
-    (scale crop_scale_min..1; 1 disables it) and an optional flip, off by default because a
+    (scale crop_scale_min..1; 1 disables it), then a random crop of the image padded by `crop_padding`
+    pixels on each side (edge pixels repeated: the small-image datasets' standard shift of a few
+    pixels, 0 disables it), and an optional flip, off by default because a
     mirrored emoji (arrows, hands) is sometimes a different class. At test time a
     `preprocess["resize"]` larger than image_size resizes the shorter side to it and centre-crops
     (the DML benchmarks' 256 -> 224); otherwise the image is resized to image_size squared."""
@@ -92,6 +109,8 @@ def build_transform(preprocess: dict, train: bool = False, crop_scale_min: float
         steps += [T.Resize(int(preprocess["resize"]), interpolation=interp, antialias=True), T.CenterCrop(size)]
     else:
         steps.append(T.Resize((size, size), interpolation=interp, antialias=True))
+    if train and crop_padding > 0:
+        steps.append(T.RandomCrop(size, padding=crop_padding, padding_mode="edge"))
     if train and hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
@@ -143,6 +162,7 @@ def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, d
     import timm
     from timm.data import resolve_data_config
 
+    _backbones().register_timm_models()  # timm:NAME may be one of baton's small-image models
     try:
         module = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except Exception as e:
@@ -158,9 +178,19 @@ def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, d
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
-    """A `baton export` handoff directory, or `timm:NAME` (pretrained ImageNet weights via timm)."""
+    """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm); or
+    `random:DIR`: the architecture of the handoff DIR, randomly initialised from torch's global
+    generator (what training from scratch starts from, beside the same backbone pretrained)."""
     if str(path).startswith("timm:"):
         return load_timm_backbone(str(path)[len("timm:"):])
+    if str(path).startswith("random:"):
+        from baton.handoff import read_handoff
+
+        like = str(path)[len("random:"):]
+        _, meta = read_handoff(like)
+        meta = {**meta, "source": {"random_init_like": like}}
+        meta.pop("text", None)  # no trained text tower belongs to a random image tower
+        return build_backbone(meta), meta
     return _backbones().load_backbone(path)
 
 

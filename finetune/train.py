@@ -52,7 +52,9 @@ class AugmentedSet(Dataset):
         i, seed = key
         img, label, _ = self.items[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only (what the transforms draw from): torch.manual_seed would also
+            # queue a CUDA seed per sample, recording a Python stack each time (9 % of a demo step)
+            torch.default_generator.manual_seed(seed)
             x = self.transform(load_image(img))
         return x, label
 
@@ -130,7 +132,8 @@ def run(cfg: FinetuneConfig) -> dict:
     backbone, bmeta = load_backbone(cfg.backbone)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
         bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
-    model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None).to(device)
+    model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None,
+                           freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
     loss_params = {k: v for k, v in asdict(cfg.loss).items() if k != "name"}
     criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, **loss_params).to(device)
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
@@ -157,7 +160,7 @@ def run(cfg: FinetuneConfig) -> dict:
              len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
 
     tf = build_transform(bmeta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
-                         hflip=cfg.data.hflip)
+                         hflip=cfg.data.hflip, crop_padding=cfg.data.crop_padding)
     dataset = AugmentedSet(data.train, tf)
     writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project,
                            config={"config": to_yaml(cfg)})
