@@ -93,14 +93,22 @@ $(DEMO)/finetune_%/model/.done: $(DEMO)/pretrain/export/backbone.json configs/de
 
 .PRECIOUS: $(DEMO)/finetune_%/model/.done
 
+# The honest comparison: the same recipe and steps from a random init of the same architecture.
+$(DEMO)/finetune_scratch/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
+	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest $(RUNARGS) \
+	  run_dir=$(DEMO)/finetune_scratch backbone=random:$(DEMO)/pretrain/export
+	touch $@
+
 $(DEMO)/eval_finetuned/metrics.json: $(DEMO)/finetune/model/.done
 	$(BIN)/baton evaluate $(DEMO)/finetune --data-source shards --data-root $(DATA) --out $(DEMO)/eval_finetuned
 
 $(DEMO)/eval_%/metrics.json: $(DEMO)/finetune_%/model/.done
 	$(BIN)/baton evaluate $(DEMO)/finetune_$* --data-source shards --data-root $(DATA) --out $(DEMO)/eval_$*
 
-# DINO (self-distillation, images only) on the same training shards: its teacher's backbone, the
-# same backbone untrained, and a shorter SoftTriple finetuning of it, on the same held-out classes.
+# DINO (self-distillation, images only) on the same training shards: its teacher's backbone and the
+# same backbone untrained, on the same held-out classes (configs/demo_softtriple_dino.yaml finetunes
+# it, outside the demo's 15-minute budget). Their order is reported, not checked: DINO does not
+# learn in this budget (BENCHMARKS.md).
 $(DEMO)/dino/export/backbone.json: $(DATA)/stats.json configs/dino_demo.yaml
 	$(BIN)/baton pretrain configs/dino_demo.yaml resume=latest seed=$(SEED) \
 	  data.train_shards=$(DATA)/train dino.knn_shards=$(DATA)/test run_dir=$(DEMO)/dino
@@ -112,36 +120,30 @@ $(DEMO)/dino/eval_random/metrics.json: $(DEMO)/dino/export/backbone.json
 $(DEMO)/dino/eval_pretrained/metrics.json: $(DEMO)/dino/export/backbone.json
 	$(BIN)/baton evaluate $(DEMO)/dino/export --data-source shards --data-root $(DATA) --out $(DEMO)/dino/eval_pretrained
 
-$(DEMO)/dino/finetune/model/.done: $(DEMO)/dino/export/backbone.json configs/demo_softtriple_dino.yaml configs/demo_softtriple.yaml
-	$(BIN)/baton finetune configs/demo_softtriple_dino.yaml resume=latest $(RUNARGS) \
-	  run_dir=$(DEMO)/dino/finetune backbone=$(DEMO)/dino/export
-	touch $@
-
-$(DEMO)/dino/eval_finetuned/metrics.json: $(DEMO)/dino/finetune/model/.done
-	$(BIN)/baton evaluate $(DEMO)/dino/finetune --data-source shards --data-root $(DATA) --out $(DEMO)/dino/eval_finetuned
-
 $(DEMO)/report.md: $(DEMO)/eval_pixels/metrics.json $(DEMO)/eval_random/metrics.json \
                    $(DEMO)/eval_pretrained/metrics.json $(DEMO)/eval_finetuned/metrics.json \
                    $(DEMO)/eval_elg/metrics.json $(DEMO)/eval_plg/metrics.json \
-                   $(DEMO)/dino/eval_random/metrics.json $(DEMO)/dino/eval_pretrained/metrics.json \
-                   $(DEMO)/dino/eval_finetuned/metrics.json
+                   $(DEMO)/eval_scratch/metrics.json \
+                   $(DEMO)/dino/eval_random/metrics.json $(DEMO)/dino/eval_pretrained/metrics.json
 	$(BIN)/baton report --out $@ \
 	  --row "raw pixels 16x16=$(DEMO)/eval_pixels" \
 	  --row "random init=$(DEMO)/eval_random" \
 	  --row "CLIP pretrained=$(DEMO)/eval_pretrained" \
-	  --row "SoftTriple finetuned=$(DEMO)/eval_finetuned" \
+	  --row "SoftTriple from scratch=$(DEMO)/eval_scratch" \
+	  --row "CLIP pretrained + SoftTriple=$(DEMO)/eval_finetuned" \
 	  --row "SoftTriple + ELG=$(DEMO)/eval_elg" \
 	  --row "SoftTriple + PLG=$(DEMO)/eval_plg" \
 	  --row "DINO: random init=$(DEMO)/dino/eval_random" \
 	  --row "DINO pretrained=$(DEMO)/dino/eval_pretrained" \
-	  --row "DINO + SoftTriple finetuned=$(DEMO)/dino/eval_finetuned" \
 	  --loss-curve pretrain=$(DEMO)/pretrain/metrics.jsonl \
 	  --loss-curve finetune=$(DEMO)/finetune/metrics.jsonl \
+	  --loss-curve "finetune from scratch=$(DEMO)/finetune_scratch/metrics.jsonl" \
 	  --loss-curve "finetune + ELG=$(DEMO)/finetune_elg/metrics.jsonl" \
 	  --loss-curve "finetune + PLG=$(DEMO)/finetune_plg/metrics.jsonl" \
 	  --loss-curve "DINO pretrain=$(DEMO)/dino/metrics.jsonl" \
 	  --grid $(DEMO)/eval_finetuned/retrieval_grid.png \
-	  --expect-increasing "random init,CLIP pretrained,SoftTriple finetuned"
+	  --expect-increasing "raw pixels 16x16,CLIP pretrained + SoftTriple" \
+	  --expect-not-decreasing "SoftTriple from scratch,CLIP pretrained + SoftTriple"
 
 demo: setup $(DEMO)/report.md
 	@cat $(DEMO)/report.md

@@ -1,6 +1,6 @@
 """The emoji designs installed on this machine, each able to render an emoji as an RGBA image.
 
-Four designs are known (see /work/shared/facts/data-sources.md): Twemoji and EmojiOne ship PNGs,
+Four designs are known: Twemoji and EmojiOne ship PNGs,
 OpenMoji and Noto Color Emoji are colour fonts drawn with Pillow. A design that is not installed is
 reported as missing with the reason, and the emoji source goes on with the others.
 
