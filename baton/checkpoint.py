@@ -20,8 +20,10 @@ barriers in between.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -101,30 +103,73 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for c in candidates:
         if (c / STATE_FILE).is_file():
             return c
-        latest = c / LATEST
-        if latest.is_file():
-            target = c / latest.read_text().strip()
-            if (target / STATE_FILE).is_file():
-                return target
-            raise BatonError(f"checkpoint pointer {latest} names {target}, which has no {STATE_FILE}; "
-                             f"delete the pointer or pass a step directory explicitly")
+        if (c / LATEST).is_file() or step_dirs(c):
+            found = latest_checkpoint(c)  # the pointer's step, else the newest intact one
+            if found is not None:
+                return found
     raise BatonError(f"no checkpoint found at {p}: expected a step directory containing {STATE_FILE}, "
                      f"or a run/checkpoints directory with a '{LATEST}' pointer "
                      f"(train first, or check the path)")
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `ckpt_root`, or None if there is none yet."""
+def is_intact(step_dir: Path) -> bool:
+    """Whether `step_dir/state.pt` is a whole torch file: torch.save writes a zip archive whose
+    directory comes last, so a file cut short (a full disk, a kill during a copy) does not open."""
     try:
-        return resolve_checkpoint(ckpt_root)
-    except BatonError:
+        with zipfile.ZipFile(step_dir / STATE_FILE):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def step_dirs(ckpt_root: str | Path) -> list[Path]:
+    """The published step directories under `ckpt_root`, oldest first (temporary ones excluded)."""
+    return sorted(p for p in Path(ckpt_root).glob("step_*") if p.is_dir())
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest intact checkpoint under `ckpt_root`, or None if it holds no step directory.
+
+    The `latest` pointer is followed when it names an intact step; when it is missing, dangling or
+    names a damaged `state.pt`, the newest intact step directory is taken instead (with a warning),
+    so `resume=latest` never silently starts again from step 0 over good checkpoints. Step
+    directories of which none is intact are an error, not a fresh start."""
+    root = Path(ckpt_root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and named.name and is_intact(named):
+        return named
+    dirs = step_dirs(root)
+    if not dirs:
         return None
+    for d in reversed(dirs):
+        if is_intact(d):
+            why = f"{pointer} names {named.name}, which is missing or damaged" if named is not None \
+                else f"{pointer} is missing"
+            logging.getLogger("baton").warning("%s: resuming from %s, the newest intact step", why, d)
+            return d
+    raise BatonError(f"{root}: no intact checkpoint ({', '.join(d.name for d in dirs)}: each {STATE_FILE} is "
+                     f"missing or truncated); move {root} away to start afresh, or pass resume=PATH")
+
+
+def refuse_used_run_dir(ckpt_root: str | Path) -> None:
+    """A run started without `resume` must not write over a run directory that has checkpoints."""
+    if step_dirs(ckpt_root) or (Path(ckpt_root) / LATEST).exists():
+        raise BatonError(f"{ckpt_root} already has checkpoints: pass resume=latest to continue that run, "
+                         f"or choose a fresh run_dir=")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Load (state, meta) from a checkpoint path accepted by `resolve_checkpoint`."""
+    """Load (state, meta) from a checkpoint path accepted by `resolve_checkpoint`. A file that is
+    not a whole checkpoint of tensors and plain values is refused, naming it; nothing in it runs."""
     d = resolve_checkpoint(path)
-    state = torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip (RuntimeError), pickled code refused (UnpicklingError), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BatonError(f"{d / STATE_FILE}: refused, not a whole baton checkpoint of tensors and plain "
+                         f"values ({type(e).__name__}: {first[:200]}); resume from an earlier step "
+                         f"directory (resume=PATH) or start a fresh run_dir=") from None
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else {}
     meta["path"] = str(d)
     return state, meta

@@ -3,7 +3,9 @@
 Each stage declares its config as a dataclass; `load_config` merges, in order, the dataclass
 defaults, the YAML file and the command-line overrides, and checks keys and types against the
 dataclass. Unknown keys and wrong types raise a `BatonError` that names the key and the valid
-choices.
+choices. A numeric field declared with `bounded(default, ge=, gt=, le=)` has its range checked in
+the same place, so a `data.batch_size=0` is refused when the config is loaded, not by a
+ZeroDivisionError deep inside a stage.
 
 A YAML recipe may start from another one: `base: demo_softtriple.yaml` (a path relative to the
 recipe's own folder) merges that file first and this one on top, so a variant states only what
@@ -23,6 +25,31 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from baton.errors import BatonError
 
 T = TypeVar("T")
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose numeric value `load_config` checks: >= ge, > gt, <= le (None: no bound;
+    a None value, where the field allows it, is not checked)."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every `bounded` field of `cfg` and of its nested dataclasses is in its range, or a BatonError
+    names the key, its value and the range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ge, gt, le = (f.metadata.get(k) for k in ("ge", "gt", "le"))
+        bad = (ge is not None and not value >= ge) or (gt is not None and not value > gt) or \
+              (le is not None and not value <= le)
+        if bad:
+            need = " and ".join(f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None)
+            raise BatonError(f"config key {key}={value} is out of range: it must be {need}")
 
 
 def _valid_keys(schema: Any, dotted: str) -> list[str]:
@@ -117,9 +144,11 @@ def load_config(schema: type[T], path: str | Path | None = None,
         except OmegaConfBaseException as e:
             raise explain_config_error(schema, e, f"override '{item}'") from None
     try:
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise explain_config_error(schema, e, str(path or "config")) from None
+    check_ranges(cfg)
+    return cfg  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Any) -> str:

@@ -36,7 +36,7 @@ RECIPES = {
 def run_cell(config: str, backbone: str, data: str, seed: int, overrides: list[str], run_dir: Path) -> dict:
     t0 = time.time()
     cmd = [sys.executable, "-m", "baton", "finetune", config, f"backbone={backbone}", f"data.root={data}",
-           f"seed={seed}", f"run_dir={run_dir}", "train.tensorboard=false", *overrides]
+           f"seed={seed}", f"run_dir={run_dir}", "train.tensorboard=false", "train.eval_at_end=true", *overrides]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((run_dir / "eval.json").read_text())
     return {"recall@1": metrics["recall@1"], "map@r": metrics["map@r"], "seconds": round(time.time() - t0, 1)}

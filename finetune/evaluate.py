@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from baton.errors import BatonError
+
 RECALL_KS = (1, 2, 4, 8)
 KMEANS_NITER = 20
 KMEANS_SEED = 1234  # faiss.Kmeans' default, which pml relies on
@@ -108,3 +110,15 @@ def n_answerable(labels) -> int:
     y = _as_numpy(labels).reshape(-1)
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     return int((counts[inverse] > 1).sum())
+
+
+def require_answerable(labels, what: str) -> int:
+    """`n_answerable(labels)`, refusing a split where it is 0: every class has one image, so no
+    query has a right answer and every retrieval metric would be NaN (not a result)."""
+    n = n_answerable(labels)
+    if n == 0:
+        y = _as_numpy(labels).reshape(-1)
+        raise BatonError(f"{what}: {len(y)} images of {len(np.unique(y))} classes, none with a second image, "
+                         f"so no query has an answer and Recall@k / MAP@R are undefined; evaluate on a split "
+                         f"with at least two images of some classes")
+    return n

@@ -19,7 +19,7 @@ import torch
 from baton.io import atomic_path, write_json_atomic
 from baton.logs import setup_logging
 from finetune.datasets import DATASETS, load_dataset
-from finetune.evaluate import knn_excluding_self, l2_normalize, n_answerable, retrieval_metrics
+from finetune.evaluate import knn_excluding_self, l2_normalize, require_answerable, retrieval_metrics
 from finetune.model import embed_images, resolve_embedder
 
 
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for _, _, n in items]
     log.info("evaluate %s on %d %s images of %d classes", embedder.description, len(items), args.split,
              labels.max() + 1)
+    n_queries = require_answerable(labels, f"{args.data_root} ({args.split} split)")
     emb = embed_images(embedder.model.to(device), embedder.transform, images, args.batch_size, device)
     metrics = retrieval_metrics(emb, labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {**metrics, "n_queries": n_answerable(labels), "n_images": len(items),
+    result = {**metrics, "n_queries": n_queries, "n_images": len(items),
               "n_classes": int(labels.max() + 1), "split": args.split, "data_root": str(args.data_root),
               "model": embedder.description, "model_spec": args.model}
     if args.save_embeddings:

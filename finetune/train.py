@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from baton.checkpoint import latest_checkpoint, load_checkpoint, refuse_used_run_dir, save_checkpoint
 from baton.config import config_changes, load_config, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
@@ -32,7 +32,7 @@ from baton.preemption import EXIT_STOPPED, stop_requested
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
-from finetune.evaluate import n_answerable, retrieval_metrics
+from finetune.evaluate import require_answerable, retrieval_metrics
 from finetune.language import build_language_guide
 from finetune.losses import build_loss
 from finetune.model import EmbeddingModel, build_transform, embed_images, load_backbone, save_embedding_model
@@ -100,9 +100,7 @@ def _check(cfg: FinetuneConfig, n_classes: int) -> None:
 
 def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "":
-        if latest_checkpoint(ckpt_root) is not None:
-            raise BatonError(f"{ckpt_root} already has checkpoints: pass resume=latest to continue, "
-                             f"or choose another run_dir")
+        refuse_used_run_dir(ckpt_root)
         return None
     if cfg.resume == "latest":
         return latest_checkpoint(ckpt_root)
@@ -129,6 +127,8 @@ def run(cfg: FinetuneConfig) -> dict:
     train_labels = [y for _, y, _ in data.train]
     n_classes = max(train_labels) + 1
     _check(cfg, n_classes)
+    if cfg.train.eval_at_end:  # before training, not after it: a split with no answer is refused
+        n_queries = require_answerable([y for _, y, _ in data.test], f"{cfg.data.root} (test split)")
     backbone, bmeta = load_backbone(cfg.backbone)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
         bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
@@ -195,8 +195,10 @@ def run(cfg: FinetuneConfig) -> dict:
                     lang_window.append(lang.item())
                     loss = loss + cfg.language.weight * lang
                 if not torch.isfinite(loss):
-                    raise BatonError(f"loss became {loss.item()} at step {step}; lower optim.lr / "
-                                     f"optim.loss_lr or loss.la in the config")
+                    raise BatonError(f"the loss is not finite at step {step + 1} ({loss.item()}); nothing of "
+                                     f"this step was applied or saved. The last good checkpoint is "
+                                     f"{latest_checkpoint(ckpt_root) or 'none yet'}: lower optim.lr / "
+                                     f"optim.loss_lr or loss.la and continue with resume=latest")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if o.grad_clip > 0:
@@ -232,7 +234,7 @@ def run(cfg: FinetuneConfig) -> dict:
         emb = embed_images(model, build_transform(bmeta["preprocess"]), images)
         metrics = retrieval_metrics(emb, labels)
         summary["metrics"] = metrics
-        write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_answerable(labels),
+        write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_queries,
                                                   "n_classes": int(labels.max() + 1), "split": "test"})
         # the training run's wandb run again (same id, resume="allow"), so the test metrics join its curves
         w = MetricsWriter(run_dir, tensorboard=False, wandb_project=cfg.train.wandb_project)

@@ -56,10 +56,15 @@ def build_backbone(meta: dict[str, Any]) -> nn.Module:
         raise BatonError(f"backbone library {library!r} is unknown; known: {', '.join(BUILDERS)} "
                          f"(add a builder to pretrain.backbones.BUILDERS)")
     for key in ("model_config", "embedding_dim"):
-        if key not in meta:
-            raise BatonError(f"backbone metadata lacks '{key}'; re-export it with `baton export`")
+        if not meta.get(key):
+            raise BatonError(f"backbone metadata has no '{key}' (missing or empty); it describes the "
+                             f"architecture to rebuild: re-export the backbone with `baton export`")
     register_timm_models()  # either library may name one of baton's timm models
-    return BUILDERS[library](meta)
+    try:
+        return BUILDERS[library](meta)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise BatonError(f"backbone metadata's model_config does not build a {library} model "
+                         f"({type(e).__name__}: {e}); re-export the backbone with `baton export`") from None
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

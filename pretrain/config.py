@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from baton.config import bounded
 from pretrain.dino.config import DinoConfig
 
 
@@ -17,8 +18,8 @@ class AugmentConfig:
     """Training augmentation, passed to open_clip's `AugmentationCfg` (eval only resizes)."""
     scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # RandomResizedCrop area (aspect 3/4-4/3)
     color_jitter: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.1, 0.02])  # b, c, s, hue
-    color_jitter_prob: float = 0.5    # 0 disables colour jitter
-    gray_scale_prob: float = 0.0      # 0 disables random grayscale
+    color_jitter_prob: float = bounded(0.5, ge=0, le=1)    # 0 disables colour jitter
+    gray_scale_prob: float = bounded(0.0, ge=0, le=1)      # 0 disables random grayscale
 
 
 @dataclass
@@ -30,11 +31,11 @@ class DataConfig:
     # resampled: shards drawn with replacement, seeded per epoch (never runs dry);
     # epoch_exact: each shard once per epoch (x its weight), split by rank and by worker.
     mode: str = "resampled"
-    num_samples: Optional[int] = None   # samples per epoch; None: sum of weight x samples from stats.json
-    batch_size: int = 64                # per rank
-    workers: int = 2                    # DataLoader worker processes per rank (0 = in-process)
-    image_size: Optional[int] = None    # None: the model's image size
-    shuffle_buffer: int = 500           # samples held for shuffling inside each worker
+    num_samples: Optional[int] = bounded(None, ge=1)   # samples per epoch; None: sum of weight x samples from stats.json
+    batch_size: int = bounded(64, gt=0)                # per rank
+    workers: int = bounded(2, ge=0)                    # DataLoader worker processes per rank (0 = in-process)
+    image_size: Optional[int] = bounded(None, ge=1)    # None: the model's image size
+    shuffle_buffer: int = bounded(500, ge=0)           # samples held for shuffling inside each worker
     caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
     log_skipped_every_s: float = 60.0   # at most one log line per this many seconds about skipped samples
     # How workers hand images to the trainer: "uint8" (4x fewer bytes, normalised on the device),
@@ -56,42 +57,42 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.2           # not applied to norms, biases, embeddings, logit_scale
+    lr: float = bounded(5e-4, gt=0)
+    weight_decay: float = bounded(0.2, ge=0)           # not applied to norms, biases, embeddings, logit_scale
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 100             # linear warm-up, then cosine decay to 0
-    grad_clip: Optional[float] = 1.0    # max global grad norm; None disables
+    eps: float = bounded(1e-6, gt=0)
+    warmup_steps: int = bounded(100, ge=0)             # linear warm-up, then cosine decay to 0
+    grad_clip: Optional[float] = bounded(1.0, gt=0)    # max global grad norm; None disables
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    max_steps: Optional[int] = None     # caps epochs x steps_per_epoch (the schedule follows it)
+    epochs: int = bounded(1, ge=1)
+    max_steps: Optional[int] = bounded(None, ge=1)     # caps epochs x steps_per_epoch (the schedule follows it)
     precision: str = "auto"             # auto | fp32 | bf16 | fp16 (auto: bf16 on capable CUDA; fp16 needs CUDA)
     # How the model is spread over ranks (pretrain/strategies/): ddp (replicated), fsdp (FSDP2
     # fully_shard: parameters, gradients and optimiser state sharded) or deepspeed (ZeRO `zero_stage`).
     strategy: str = "ddp"
-    zero_stage: int = 2                 # deepspeed only: 1 optimiser state, 2 + gradients, 3 + parameters
+    zero_stage: int = bounded(2, ge=1, le=3)                 # deepspeed only: 1 optimiser state, 2 + gradients, 3 + parameters
     offload: bool = False               # fsdp / deepspeed: keep sharded state (and ZeRO-3 parameters) in CPU memory
     # Extra DeepSpeed config entries merged over the ones baton derives (e.g. {zero_optimization:
     # {overlap_comm: true}}); checked by DeepSpeed's own config classes before any process starts.
     deepspeed: Any = None
-    grad_accum: int = 1                 # micro-batches of data.batch_size per optimiser step
+    grad_accum: int = bounded(1, ge=1)                 # micro-batches of data.batch_size per optimiser step
     grad_checkpointing: bool = False    # recompute activations in backward (the model's set_grad_checkpointing)
     compile: bool = False               # torch.compile the model (nn.Module.compile, state-dict names unchanged)
-    eval_every: int = 0                 # steps between method.evaluate calls, and at the end (0: never)
-    checkpoint_every: int = 500         # steps; a checkpoint is also written at the end
-    keep_last: int = 3                  # checkpoints kept (0 keeps all)
-    log_every: int = 10                 # steps between metrics.jsonl rows
+    eval_every: int = bounded(0, ge=0)                 # steps between method.evaluate calls, and at the end (0: never)
+    checkpoint_every: int = bounded(500, ge=1)         # steps; a checkpoint is also written at the end
+    keep_last: int = bounded(3, ge=0)                  # checkpoints kept (0 keeps all)
+    log_every: int = bounded(10, ge=1)                 # steps between metrics.jsonl rows
     wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)
     device: str = "auto"                # auto | cpu | cuda
     # torch intra-op threads in each training process (None: torch's default, one per core). On a
     # small CPU box shared with loader workers or other jobs, 1 avoids OpenMP oversubscription.
-    threads: Optional[int] = None
+    threads: Optional[int] = bounded(None, ge=1)
     # Stop as if killed right after this global step (no extra checkpoint): lets tests and
     # time-boxed jobs interrupt deterministically, then continue with resume=latest.
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: Optional[int] = bounded(None, ge=0)
 
 
 @dataclass
@@ -102,9 +103,9 @@ class EvalConfig:
     shards: Any = None
     # The first N samples in shard order that pass the checks needing no decoding (an undecodable
     # image among them is then left out and counted); None: all.
-    max_samples: Optional[int] = 5000
-    batch_size: int = 256               # images / captions / prompts embedded at a time, per rank
-    chunk_size: int = 1024              # queries scored at a time (each against all candidates)
+    max_samples: Optional[int] = bounded(5000, ge=1)
+    batch_size: int = bounded(256, gt=0)               # images / captions / prompts embedded at a time, per rank
+    chunk_size: int = bounded(1024, ge=1)              # queries scored at a time (each against all candidates)
     # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
     # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.
     templates: Any = "simple"

@@ -27,9 +27,10 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from baton.checkpoint import latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir, tmp_step_dir
+from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir,
+                              refuse_used_run_dir, tmp_step_dir)
 from baton.config import config_changes, load_config, to_yaml
-from baton.distributed import all_gather_object, barrier, destroy, init_distributed
+from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
@@ -71,6 +72,7 @@ def restore(cfg: PretrainConfig, strategy: Strategy, log) -> tuple[int, dict | N
     """Load the checkpoint named by `cfg.resume` through the strategy; return the step to continue
     from and the saved loader state (None if there is none)."""
     if cfg.resume is None:
+        refuse_used_run_dir(Path(cfg.run_dir) / "checkpoints")
         return 0, None
     path = latest_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "latest" else cfg.resume
     if path is None:
@@ -188,6 +190,15 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                     strategy.backward(loss, accum, last)
                 losses.append(loss.detach().float())
                 keys += list(micro_keys)
+            # every rank learns whether any rank's loss is not finite, before the update that would
+            # spread it into the weights and the next checkpoint
+            bad = all_reduce_sum((~torch.isfinite(torch.stack(losses))).any().float().reshape(1))
+            if bad.item() > 0:
+                good = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+                raise BatonError(f"the loss is not finite at step {step + 1} ({torch.stack(losses).tolist()} on "
+                                 f"rank {info.rank}); nothing of this step was applied or saved. The last good "
+                                 f"checkpoint is {good or 'none yet'}: lower optim.lr (now {cfg.optim.lr}) and "
+                                 f"continue with resume=latest")
             strategy.step(cfg.optim.grad_clip)
             strategy.after_step(step, total)
             step += 1

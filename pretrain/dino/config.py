@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from baton.config import bounded
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -26,44 +28,44 @@ class DinoConfig:
     # local crops are smaller than the global ones (its position embedding is then interpolated).
     # Typed Any: a mapping whose keys are timm's, not ours.
     backbone_kwargs: Any = None
-    drop_path_rate: float = 0.1          # stochastic depth, student only (the teacher has none)
+    drop_path_rate: float = bounded(0.1, ge=0, le=1)          # stochastic depth, student only (the teacher has none)
     # --- DINO head: MLP (GELU) -> bottleneck -> L2 norm -> weight-normalised linear to out_dim
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    out_dim: int = bounded(65536, ge=1)
+    hidden_dim: int = bounded(2048, ge=1)
+    bottleneck_dim: int = bounded(256, ge=1)
+    head_layers: int = bounded(3, ge=1)
     norm_last_layer: bool = True         # the last layer's weight-norm gain fixed at 1 (stabler)
     # --- multi-crop augmentation
-    global_crop_size: int = 224
+    global_crop_size: int = bounded(224, ge=1)
     global_crop_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
-    local_crop_size: int = 96
+    local_crop_size: int = bounded(96, ge=1)
     local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
-    n_local_crops: int = 8
+    n_local_crops: int = bounded(8, ge=0)
     color_jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # b, c, s, hue
-    color_jitter_prob: float = 0.8
-    gray_scale_prob: float = 0.2
+    color_jitter_prob: float = bounded(0.8, ge=0, le=1)
+    gray_scale_prob: float = bounded(0.2, ge=0, le=1)
     blur_prob: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])     # pixels
-    solarize_prob: float = 0.2           # second global crop only
+    solarize_prob: float = bounded(0.2, ge=0, le=1)           # second global crop only
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # --- loss
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04    # teacher temperature at epoch 0 ...
-    teacher_temp: float = 0.04           # ... rising linearly to this over warmup_teacher_temp_epochs
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
+    student_temp: float = bounded(0.1, gt=0)
+    warmup_teacher_temp: float = bounded(0.04, gt=0)    # teacher temperature at epoch 0 ...
+    teacher_temp: float = bounded(0.04, gt=0)           # ... rising linearly to this over warmup_teacher_temp_epochs
+    warmup_teacher_temp_epochs: int = bounded(0, ge=0)
+    center_momentum: float = bounded(0.9, ge=0, le=1)
     # --- schedules (cosine over the whole run)
-    teacher_momentum: float = 0.996      # EMA momentum, cosine to 1
-    weight_decay: float = 0.04           # cosine to weight_decay_end (biases and norms: none)
-    weight_decay_end: float = 0.4
-    freeze_last_layer: int = 1           # epochs during which the head's last layer is not updated
+    teacher_momentum: float = bounded(0.996, ge=0, le=1)      # EMA momentum, cosine to 1
+    weight_decay: float = bounded(0.04, ge=0)           # cosine to weight_decay_end (biases and norms: none)
+    weight_decay_end: float = bounded(0.4, ge=0)
+    freeze_last_layer: int = bounded(1, ge=0)           # epochs during which the head's last layer is not updated
     scale_lr_by_batch: bool = True       # lr = optim.lr x global batch / 256 (linear scaling rule)
     # --- k-NN monitor (eval_knn.py), every train.eval_every steps: the teacher backbone's weighted
     # k-NN on held-out labelled shards (pretrain/dino/monitor.py), each class split in memory/query
     # halves. knn_shards as data.train_shards (e.g. data/emoji/test); None: no monitoring.
     knn_shards: Any = None
-    knn_max_samples: Optional[int] = 2000  # the first N usable samples in shard order; None: all
-    knn_batch_size: int = 256              # images embedded at a time, per rank
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_max_samples: Optional[int] = bounded(2000, ge=1)  # the first N usable samples in shard order; None: all
+    knn_batch_size: int = bounded(256, ge=1)              # images embedded at a time, per rank
+    knn_k: int = bounded(20, ge=1)
+    knn_temperature: float = bounded(0.07, gt=0)

@@ -1,0 +1,156 @@
+"""Faults around checkpoints and resume, in both training stages: a dangling or deleted `latest`,
+a truncated or malicious `state.pt`, a rerun without `resume` into a used run directory, and a
+loss that stops being finite. Each must keep the good checkpoints and say what to do."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from baton.cli import main as cli_main
+from baton.errors import BatonError
+from test_pretrain import write_tiny_config
+
+
+def three_steps(root: Path) -> list[Path]:
+    return [save_checkpoint(root, s, {"w": torch.full((3,), float(s)), "step": s}, keep_last=5) for s in (1, 2, 3)]
+
+
+def test_latest_falls_back_to_the_newest_intact_step(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    s1, s2, s3 = three_steps(root)
+    assert latest_checkpoint(root) == s3
+    (root / "latest").write_text("step_000009\n")          # dangling pointer
+    assert latest_checkpoint(root) == s3 and "newest intact" in caplog.text
+    (root / "latest").unlink()                              # deleted pointer
+    assert latest_checkpoint(root) == s3
+    data = (s3 / "state.pt").read_bytes()
+    (s3 / "state.pt").write_bytes(data[: len(data) // 2])    # truncated newest state.pt
+    (root / "latest").write_text("step_000003\n")
+    assert latest_checkpoint(root) == s2
+    state, meta = load_checkpoint(root)
+    assert state["step"] == 2 and meta["path"] == str(s2)
+    with pytest.raises(BatonError, match=r"step_000003/state.pt: refused"):   # named explicitly: refused
+        load_checkpoint(s3)
+    for d in (s1, s2):
+        (d / "state.pt").write_bytes(b"not a zip")
+    with pytest.raises(BatonError, match="no intact checkpoint"):
+        latest_checkpoint(root)
+    assert latest_checkpoint(tmp_path / "empty") is None     # nothing there: a fresh start
+
+
+def test_a_malicious_checkpoint_is_refused_naming_the_file(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    d = save_checkpoint(tmp_path / "c", 1, {"step": 1})
+    with open(d / "state.pt", "wb") as f:
+        torch.save({"step": 1, "x": Boom()}, f, pickle_module=pickle)
+    with pytest.raises(BatonError, match=r"state.pt: refused") as e:
+        load_checkpoint(d)
+    assert "weights_only=False" not in str(e.value) and not (tmp_path / "pwned").exists()
+
+
+def test_pretrain_refuses_a_used_run_dir_and_resumes_past_a_dangling_pointer(tmp_path, synthetic_shards, capsys):
+    run = tmp_path / "run"
+    cfg = write_tiny_config(tmp_path / "c.yaml", run, synthetic_shards, train={"checkpoint_every": 3,
+                                                                              "keep_last": 10, "epochs": 2})
+    assert cli_main(["pretrain", str(cfg), "train.stop_after_steps=6"]) == 0
+    before = {p.name: (p / "state.pt").read_bytes() for p in (run / "checkpoints").glob("step_*")}
+    metrics = (run / "metrics.jsonl").read_text()
+    assert cli_main(["pretrain", str(cfg)]) == 2                     # no resume=: refused, nothing touched
+    err = capsys.readouterr().err
+    assert "resume=latest" in err and "run_dir=" in err
+    assert (run / "metrics.jsonl").read_text() == metrics
+    (run / "checkpoints" / "latest").write_text("step_000099\n")
+    assert cli_main(["pretrain", str(cfg), "resume=latest"]) == 0
+    assert "resuming from" in capsys.readouterr().err                 # the warning names the step taken
+    state, _ = load_checkpoint(run)
+    assert state["step"] == 16                                        # continued from step 6, not from 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))   # no step logged twice: not restarted
+    for name, data in before.items():
+        assert (run / "checkpoints" / name / "state.pt").read_bytes() == data
+
+
+def test_a_non_finite_pretraining_loss_stops_with_the_step_and_keeps_the_checkpoints(tmp_path, synthetic_shards,
+                                                                                     capsys):
+    run = tmp_path / "run"
+    cfg = write_tiny_config(tmp_path / "c.yaml", run, synthetic_shards, train={"checkpoint_every": 2})
+    assert cli_main(["pretrain", str(cfg), "train.stop_after_steps=2"]) == 0
+    good = (run / "checkpoints" / "step_000002" / "state.pt").read_bytes()
+    assert cli_main(["pretrain", str(cfg), "resume=latest", "optim.lr=1e30", "optim.grad_clip=null"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite at step" in err and "step_000002" in err and "optim.lr" in err
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts[-1] in ("step_000002", "step_000003")  # at most the one finite step after the resume
+    assert (run / "checkpoints" / "step_000002" / "state.pt").read_bytes() == good
+    state, _ = load_checkpoint(run)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("stage, override", [
+    ("finetune", "data.batch_size=0"), ("finetune", "data.batch_size=-4"), ("finetune", "optim.lr=-1"),
+    ("finetune", "data.crop_scale_min=1.5"), ("pretrain", "data.batch_size=0"), ("pretrain", "train.grad_accum=0"),
+    ("pretrain", "dino.teacher_temp=0"), ("pretrain", "data.workers=-1")])
+def test_out_of_range_config_values_are_refused_when_loaded(stage, override):
+    from baton.config import load_config
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
+
+    schema = FinetuneConfig if stage == "finetune" else PretrainConfig
+    key = override.split("=")[0]
+    with pytest.raises(BatonError, match=rf"config key {key}=\S+ is out of range: it must be"):
+        load_config(schema, None, [override])
+
+
+def test_a_handoff_without_an_architecture_is_refused(tmp_path):
+    import json
+
+    from test_finetune import write_tiny_handoff
+
+    from pretrain.backbones import load_backbone
+
+    h = write_tiny_handoff(tmp_path / "h")
+    meta = json.loads((h / "backbone.json").read_text())
+    for broken in ({}, {"embed_dim": 32}):  # empty, and an open_clip config missing its towers
+        (h / "backbone.json").write_text(json.dumps({**meta, "model_config": broken}))
+        with pytest.raises(BatonError, match="model_config"):
+            load_backbone(h)
+
+
+def test_evaluating_a_split_with_no_second_image_of_any_class_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for c in ("a", "bb", "ccc", "dddd"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (10 * len(c), 0, 0)).save(root / c / "0.png")
+    assert cli_main(["evaluate", "pixels", "--data-source", "folder", "--data-root", str(root),
+                     "--split", "test", "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "no query has an answer" in err and not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_a_non_finite_finetuning_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, capsys):
+    from conftest import make_synthetic_shards
+    from test_finetune import overrides, write_tiny_handoff
+
+    make_synthetic_shards(tmp_path / "data" / "train", per_class=4, seed=0)
+    make_synthetic_shards(tmp_path / "data" / "test", per_class=3, seed=1)
+    handoff = write_tiny_handoff(tmp_path / "handoff")
+    args = overrides(tmp_path, handoff, "run", "train.epochs=2", "train.steps_per_epoch=4")
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_softtriple.yaml")
+    assert cli_main(["finetune", recipe, *args, "train.epochs=1"]) == 0
+    assert cli_main(["finetune", recipe, *args, "resume=latest", "loss.la=.inf"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite at step" in err and "step_000004" in err
+    state, _ = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
