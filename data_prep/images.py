@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,14 @@ class SkipSample(Exception):
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The file's bytes, or SkipSample('missing_file' / 'unreadable_file')."""
+    """The file's bytes, or SkipSample('missing_file' / 'not_a_file' / 'unreadable_file').
+
+    Only regular files are read: opening a FIFO (or a character device) would block for good, so
+    anything else is skipped as 'not_a_file' before it is opened."""
     p = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            raise SkipSample("not_a_file", f"{p} is not a regular file (a FIFO, socket, device or folder)")
         return p.read_bytes()
     except FileNotFoundError:
         raise SkipSample("missing_file", str(p)) from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -132,6 +133,26 @@ _DIED = ("a shard worker process died (killed, or out of memory); finished shard
          "run the same command again to write the rest")
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Pool worker initializer: a daemon thread ends this worker once `parent_pid` is gone. A
+    forkserver worker's parent is the forkserver, not the `baton shards` process, so neither
+    PR_SET_PDEATHSIG nor the pool's own bookkeeping notices a kill -9 of the latter: without this
+    the workers go on writing shards, holding their memory, until their queue runs dry."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class _Runner:
     """Runs chunk tasks in this process (1 worker) or in a process pool, keeping at most
     2 x workers tasks in flight so the plan streams instead of being held in memory."""
@@ -141,7 +162,8 @@ class _Runner:
         if workers > 1:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["data_prep.job"])  # import webdataset/PIL once, not per worker
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
+                                            initargs=(os.getpid(),))
         self.limit = 2 * workers
         self.pending: deque[tuple[int, Future]] = deque()
         self.results: dict[int, dict] = {}

@@ -154,3 +154,80 @@ def test_a_non_finite_finetuning_loss_stops_with_the_step_and_the_last_good_chec
     assert "not finite at step" in err and "step_000004" in err
     state, _ = load_checkpoint(tmp_path / "run")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_fifo_in_a_folder_source_is_skipped_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until a writer comes; `baton shards` must skip it and finish."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / c / f"{i}.png")
+    os.mkfifo(root / "cat" / "stuck.png")
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "-m", "baton", "shards", "folder", str(root), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 4 and stats["skipped"] == {"not_a_file": 1}
+
+
+def test_shard_workers_exit_when_baton_shards_is_killed(tmp_path):
+    """kill -9 of `baton shards --workers 2`: its forkserver's workers notice and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tree"
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+
+    def descendants(pid: int) -> set[int]:
+        kids = set()
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == pid:
+                    kids |= {int(d.name)} | descendants(int(d.name))
+        return kids
+
+    proc = subprocess.Popen([sys.executable, "-m", "baton", "shards", "folder", str(root), "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--shard-size", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, set()
+    while time.time() < deadline and len(workers) < 3 and proc.poll() is None:  # forkserver + 2 workers
+        workers = descendants(proc.pid)
+        time.sleep(0.1)
+    assert proc.poll() is None and len(workers) >= 3, "the job ended before its workers could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    def running(pid: int) -> bool:  # a zombie has exited: only its parent has not reaped it yet
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.time() + 15
+    while time.time() < deadline and any(running(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if running(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"{len(alive)} worker processes outlived baton shards"
