@@ -19,13 +19,15 @@ barriers in between.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,12 +43,36 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+@contextmanager
+def writing_step(ckpt_root: str | Path, step: int) -> Iterator[None]:
+    """Around the writing of checkpoint `step`: if it fails (a full disk, a quota, a vanished
+    mount), its temporary directory is removed, so a failed save does not go on filling the disk,
+    and the error says why, how much room is left and which checkpoint is the last good one."""
+    ckpt_root = Path(ckpt_root)
+    try:
+        yield
+    except Exception as e:
+        shutil.rmtree(tmp_step_dir(ckpt_root, step), ignore_errors=True)
+        text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) \
+            or "file write failed" in str(e)
+        try:
+            free = f"{shutil.disk_usage(ckpt_root).free / 2 ** 20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        good = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+        why = f"no space left on the device of {ckpt_root} ({free})" if full else f"{text} ({free})"
+        raise BatonError(f"writing checkpoint step {step} failed: {why}; nothing of it is left behind. "
+                         f"The last good checkpoint is {good.name if good else 'none'}: make room and continue "
+                         f"with resume=latest") from None
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, state: dict[str, Any],
                     meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
     """Write `state` (tensors / plain values) as checkpoint `step`, update `latest`, prune old ones."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
-    with atomic_path(final) as tmp:
+    with writing_step(ckpt_root, step), atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
@@ -82,8 +108,9 @@ def publish_step_dir(ckpt_root: str | Path, step: int, state: dict[str, Any], me
     rename the directory into place, point `latest` at it and prune old checkpoints."""
     ckpt_root = Path(ckpt_root)
     tmp, final = tmp_step_dir(ckpt_root, step), ckpt_root / step_dir_name(step)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
+    with writing_step(ckpt_root, step):
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **(meta or {})}, indent=2))
     if final.exists():  # a rerun of the same step (resumed before its pointer moved): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir,
-                              refuse_used_run_dir, tmp_step_dir)
+                              refuse_used_run_dir, tmp_step_dir, writing_step)
 from baton.config import config_changes, load_config, to_yaml
 from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
@@ -158,7 +158,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         if info.is_main:
             open_step_dir(ckpt_root, step)
         barrier()
-        extra = strategy.save(tmp_step_dir(ckpt_root, step))
+        with writing_step(ckpt_root, step):  # each rank's part: a failure removes the step's temporary dir
+            extra = strategy.save(tmp_step_dir(ckpt_root, step))
         barrier()
         if info.is_main:
             skipped = Counter()

@@ -231,3 +231,30 @@ def test_shard_workers_exit_when_baton_shards_is_killed(tmp_path):
     for w in alive:
         os.kill(w, signal.SIGKILL)
     assert not alive, f"{len(alive)} worker processes outlived baton shards"
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_nothing_behind_and_names_the_last_good_step(tmp_path,
+                                                                                          monkeypatch):
+    import errno
+
+    from baton import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    three_steps(root)
+    real_save = torch.save
+
+    def save_until_full(obj, f, *a, **kw):  # writes part of the file, then the device is full
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", save_until_full)
+    with pytest.raises(BatonError, match=r"step 4 failed: no space left on the device of .*"
+                                         r"The last good checkpoint is step_000003"):
+        save_checkpoint(root, 4, {"step": 4})
+    ck.open_step_dir(root, 5)   # the sharded protocol: the ranks' files are in the temporary directory
+    (ck.tmp_step_dir(root, 5) / "shard_0.distcp").write_bytes(b"x" * 1000)
+    with pytest.raises(BatonError, match="step 5 failed: no space left"):
+        ck.publish_step_dir(root, 5, {"step": 5})
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002", "step_000003"]
+    assert latest_checkpoint(root).name == "step_000003"
