@@ -258,3 +258,54 @@ def test_a_full_disk_during_a_checkpoint_leaves_nothing_behind_and_names_the_las
     monkeypatch.setattr(ck.torch, "save", real_save)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002", "step_000003"]
     assert latest_checkpoint(root).name == "step_000003"
+
+
+@pytest.fixture
+def stalling_server():
+    """A TCP server on localhost: /silent accepts and never answers; /stall sends headers and half
+    of a tar body, then nothing. Yields its base URL."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns, stop = [], threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conns.append(conn)
+            request = conn.recv(4096).decode("latin-1")
+            if "/stall" in request.split("\r\n", 1)[0]:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-tar\r\nContent-Length: 20480\r\n\r\n"
+                             + b"\0" * 1024)
+            # /silent: never a byte
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    thread.join(2)
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("path", ["silent", "stall"])
+def test_a_server_that_does_not_answer_times_out_naming_the_url(stalling_server, path, monkeypatch, caplog):
+    import time
+
+    from pretrain.data.samples import Tally, shard_files
+
+    monkeypatch.setenv("BATON_IO_TIMEOUT_S", "1.5")
+    url = f"{stalling_server}/{path}/shard-000000.tar"
+    tally = Tally(where="data.train_shards")
+    t0 = time.time()
+    members = [m for m in shard_files(iter([(0, url)]), tally, empty_limit=5) if m]
+    assert time.time() - t0 < 30 and members == []
+    assert tally.rejected["unreadable_shard"] == 1 and url in caplog.text  # skipped, counted, named

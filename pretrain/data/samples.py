@@ -25,12 +25,12 @@ import random
 from collections import Counter
 from typing import Any, Callable, Iterator
 
-import fsspec
 import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from baton.errors import BatonError
+from baton.remote import open_url
 from pretrain.data.tar_reader import tar_members
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -86,7 +86,7 @@ def shard_files(shards: Iterator[tuple[int, str]], tally: Tally, empty_limit: in
     for n, url in shards:
         got = 0
         try:
-            with fsspec.open(url, "rb") as stream:
+            with open_url(url, "rb") as stream:
                 for member in tar_members(stream):
                     got += 1
                     member["__url__"] = url

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import braceexpand
-import fsspec
 from webdataset.utils import make_seed
 
 from baton.errors import BatonError
+from baton.remote import open_url, url_to_fs
 
 HINT = "run `baton shards ...` first, or fix data.train_shards"
 MODES = ("resampled", "epoch_exact")
@@ -90,7 +90,7 @@ def _is_url(path: str) -> bool:
 
 def _read_stats(stats_url: str) -> dict | None:
     try:
-        with fsspec.open(stats_url, "rt") as f:
+        with open_url(stats_url, "rt") as f:
             return json.load(f)
     except (FileNotFoundError, OSError):
         return None
@@ -99,14 +99,14 @@ def _read_stats(stats_url: str) -> dict | None:
 
 
 def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     return fs.exists(path)
 
 
 def resolve_shards(spec: str, weight: float = 1.0) -> ShardList:
     """Expand one source into shard URLs and check that each exists."""
     spec = str(spec)
-    fs, root = fsspec.core.url_to_fs(spec)
+    fs, root = url_to_fs(spec)
     if ("{" not in spec and not spec.endswith(".tar")) and (spec.endswith("/") or fs.isdir(root)):
         base = spec.rstrip("/")
         stats = _read_stats(f"{base}/stats.json")
