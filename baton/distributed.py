@@ -2,15 +2,37 @@
 
 Reads the torchrun / Slurm-mapped environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT); a plain `python` run is a world of one with no process group. gloo on CPU, nccl on GPU.
+
+Every collective has a time limit, `BATON_COLLECTIVE_TIMEOUT_S` seconds (default 1800): a rank that
+died or was stopped makes the others fail with an error naming this rank and the collective, instead
+of waiting without a word. (torch's own limit applies to the collectives inside DDP/FSDP too.)
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from baton.errors import BatonError
+
+TIMEOUT_ENV = "BATON_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else 1800.0
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BatonError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,14 +66,27 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=collective_timeout_s()))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+@contextmanager
+def _named(what: str) -> Iterator[None]:
+    """A failed collective (a peer timed out, died or was stopped) as an error naming this rank."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BatonError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed ({first}); another "
+                         f"rank died, was stopped or is stuck (see its log). The limit is {TIMEOUT_ENV}="
+                         f"{collective_timeout_s():.0f} s; continue with resume=latest once every rank runs") from None
 
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with _named("a barrier"):
+            dist.barrier()
 
 
 def destroy() -> None:
@@ -62,7 +97,8 @@ def destroy() -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over ranks, in place (unchanged without a process group)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with _named("an all_reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -71,7 +107,8 @@ def broadcast_object(obj, src: int = 0):
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _named("a broadcast"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -80,5 +117,6 @@ def all_gather_object(obj) -> list:
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _named("an all_gather"):
+        dist.all_gather_object(out, obj)
     return out

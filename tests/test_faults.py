@@ -309,3 +309,41 @@ def test_a_server_that_does_not_answer_times_out_naming_the_url(stalling_server,
     members = [m for m in shard_files(iter([(0, url)]), tally, empty_limit=5) if m]
     assert time.time() - t0 < 30 and members == []
     assert tally.rejected["unreadable_shard"] == 1 and url in caplog.text  # skipped, counted, named
+
+
+CHILD = """
+import os, sys, time
+from baton.distributed import init_distributed, barrier
+from baton.errors import BatonError
+info = init_distributed("cpu")
+if info.rank == 1:
+    time.sleep(60)          # a stopped rank: never reaches the barrier
+    sys.exit(0)
+try:
+    barrier()
+except BatonError as e:
+    print("BATON", e, flush=True)
+    os._exit(3)
+"""
+
+
+def test_a_stuck_rank_makes_the_others_fail_with_an_error_naming_the_rank(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "BATON_COLLECTIVE_TIMEOUT_S": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=50)
+    procs[1].kill()
+    procs[1].wait()
+    assert procs[0].returncode == 3 and time.time() - t0 < 45, out
+    assert "rank 0 of 2: a barrier failed" in out and "BATON_COLLECTIVE_TIMEOUT_S=3" in out
