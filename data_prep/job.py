@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from baton.errors import BatonError
 from baton.io import write_json_atomic
 from data_prep.items import Item, PrepOptions, content_hash, process_item
-from data_prep.writer import STATS, Keys, Sample, ShardFiles, Skip
+from data_prep.writer import SIZES, STATS, Keys, Sample, ShardFiles, Skip
 
 PROGRESS = "_progress"
 Plan = Callable[[], Iterable[Item | Sample | Skip]]
@@ -221,6 +221,7 @@ def _prepare_out(out: Path) -> None:
         raise BatonError(f"output {out} exists and is not a directory; pass a directory with --out")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     (out / STATS).unlink(missing_ok=True)  # the directory is incomplete until stats.json is back
+    (out / SIZES).unlink(missing_ok=True)
 
 
 def run_job(plan: Plan, out_dir: str | Path, prep: PrepOptions = PrepOptions(),
@@ -265,6 +266,7 @@ def run_job(plan: Plan, out_dir: str | Path, prep: PrepOptions = PrepOptions(),
     if layout.timing:
         stats["throughput"] = throughput
     _remove_stale(out, {s["name"] for s in stats["shards"]}, len(digests))
+    write_json_atomic(out / SIZES, {s["name"]: s["count"] for s in stats["shards"]})
     write_json_atomic(out / STATS, stats)
     return stats
 

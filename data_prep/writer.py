@@ -28,6 +28,7 @@ from baton.io import atomic_path
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 STATS = "stats.json"
+SIZES = "sizes.json"   # {shard file name: samples}: what open_clip_train reads for --train-num-samples
 # Fixed tar header fields: reproducible bytes whatever the clock or user.
 TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 TAR_USER = "baton"

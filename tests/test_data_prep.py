@@ -67,6 +67,10 @@ def test_folder_round_trip_keeps_bytes_and_counts_skips(image_tree, tmp_path, ca
     assert stats["num_samples"] == 4 and stats["inputs"] == 8
     # shard k holds inputs [3k, 3k+3) of the 6 image files (sorted): notes deep truncated | x.y a b
     assert [s["count"] for s in stats["shards"]] == [1, 3]
+    # open_clip_train's get_dataset_size: sizes.json beside the shards, {shard basename: samples}
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {s["name"]: s["count"] for s in stats["shards"]}
+    assert sum(sizes[p.name] for p in out.glob("*.tar")) == stats["num_samples"]
     assert stats["bytes"] == sum((out / s["name"]).stat().st_size for s in stats["shards"])
     assert stats["throughput"]["samples"] == 4
     assert stats["skipped"] == {"undecodable_image": 2, "not_an_image_extension": 1, "outside_class_folder": 1}
