@@ -38,6 +38,16 @@ def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.L
     return root
 
 
+def wandb_run_id(run_dir: str | Path) -> str:
+    """The wandb id of a run directory: its name plus a hash of its absolute path, so two runs
+    whose directories share a name (runs/demo/pretrain, runs/demo-seed1/pretrain) never resume
+    each other's wandb run, while a resumed run (the same directory) keeps its id."""
+    import hashlib
+
+    resolved = Path(run_dir).resolve()
+    return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+
+
 class MetricsWriter:
     """Appends scalars to `metrics.jsonl` and tensorboard. A no-op on ranks other than 0."""
 
@@ -53,9 +63,9 @@ class MetricsWriter:
             except ImportError:
                 raise BatonError(f"wandb_project={wandb_project!r} is set but wandb is not installed: "
                                  f"`pip install wandb` (and `wandb login`), or unset it") from None
-            # resume="allow" with the run directory's name as id: a resumed run continues the same curve
+            # resume="allow" with an id of the run directory: a resumed run continues the same curve
             self._wandb = wandb.init(project=wandb_project, name=Path(run_dir).name, dir=str(run_dir),
-                                     id=Path(run_dir).resolve().name, resume="allow", config=config or {})
+                                     id=wandb_run_id(run_dir), resume="allow", config=config or {})
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:

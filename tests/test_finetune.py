@@ -12,7 +12,7 @@ import torch
 
 from baton.cli import main as cli
 from baton.config import load_config
-from baton.logs import read_metrics
+from baton.logs import read_metrics, wandb_run_id
 from conftest import make_synthetic_shards
 
 pytest.importorskip("open_clip")
@@ -75,7 +75,7 @@ def test_finetune_loss_falls_and_evaluates(setup, monkeypatch):
                                                       "train.wandb_project=baton-test"))
     summary = run(cfg)
     inits = [e for e in logged if isinstance(e, dict)]
-    assert [i["project"] for i in inits] == ["baton-test"] * 2 and inits[0]["id"] == inits[1]["id"] == "run"
+    assert [i["project"] for i in inits] == ["baton-test"] * 2 and inits[0]["id"] == inits[1]["id"] == wandb_run_id(root / "run")
     rows = [e for e in logged if isinstance(e, tuple) and len(e) == 2]
     assert sum(1 for _, row in rows if "loss" in row) == 12
     assert [step for step, row in rows if "test/recall@1" in row] == [24]

@@ -177,7 +177,12 @@ def test_metrics_go_to_wandb_when_asked_and_fail_clearly_without_it(tmp_path, mo
     w.log(3, loss=0.5)
     w.close()
     assert calls[0][0] == "init" and calls[0][1]["project"] == "baton" and calls[0][1]["resume"] == "allow"
-    assert calls[0][1]["config"] == {"lr": 1} and calls[0][1]["id"] == "run1"
+    from baton.logs import wandb_run_id
+
+    assert calls[0][1]["config"] == {"lr": 1} and calls[0][1]["id"] == wandb_run_id(tmp_path / "run1")
+    assert wandb_run_id(tmp_path / "run1").startswith("run1-") and wandb_run_id(tmp_path / "run1") == \
+        wandb_run_id(str(tmp_path / "x" / ".." / "run1"))                       # the same directory: the same id
+    assert wandb_run_id(tmp_path / "a" / "pretrain") != wandb_run_id(tmp_path / "b" / "pretrain")
     assert calls[1:] == [("log", {"loss": 0.5}, 3), ("finish",)]
     assert read_metrics(tmp_path / "run1" / "metrics.jsonl")[0]["loss"] == 0.5
     assert MetricsWriter(tmp_path / "off", enabled=False, wandb_project="baton")._wandb is None  # rank != 0
