@@ -20,19 +20,13 @@ import torch
 import torch.distributed as dist
 
 from baton.errors import BatonError
+from baton.io import seconds_from_env
 
 TIMEOUT_ENV = "BATON_COLLECTIVE_TIMEOUT_S"
 
 
 def collective_timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else 1800.0
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BatonError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
-    return value
+    return seconds_from_env(TIMEOUT_ENV, 1800.0)
 
 
 @dataclass(frozen=True)

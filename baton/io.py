@@ -43,3 +43,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A time limit in seconds from environment variable `name` (default when unset); it reaches
+    worker processes and every rank through the environment. Not a number > 0: a BatonError."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from baton.errors import BatonError
+
+        raise BatonError(f"{name}={raw!r}: expected a number of seconds > 0")
+    return value

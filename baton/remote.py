@@ -10,26 +10,18 @@ skipped and counted (`unreadable_shard`) by the loader like any other unreadable
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import fsspec
+
+from baton.io import seconds_from_env
 
 TIMEOUT_ENV = "BATON_IO_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
 
 
 def io_timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        from baton.errors import BatonError
-
-        raise BatonError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
-    return value
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def storage_options(url: str) -> dict[str, Any]:
