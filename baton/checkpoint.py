@@ -54,12 +54,15 @@ def writing_step(ckpt_root: str | Path, step: int) -> Iterator[None]:
     except Exception as e:
         shutil.rmtree(tmp_step_dir(ckpt_root, step), ignore_errors=True)
         text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) \
-            or "file write failed" in str(e)
         try:
-            free = f"{shutil.disk_usage(ckpt_root).free / 2 ** 20:.0f} MiB free"
+            free_bytes = shutil.disk_usage(ckpt_root).free
+            free = f"{free_bytes / 2 ** 20:.0f} MiB free"
         except OSError:
-            free = "free space unknown"
+            free_bytes, free = None, "free space unknown"
+        # torch.save reports a full disk only as "file write failed": that counts as full when the
+        # device is (nearly) full now, not for every write error
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) \
+            or ("file write failed" in str(e) and free_bytes is not None and free_bytes < 2 ** 26)
         good = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
         why = f"no space left on the device of {ckpt_root} ({free})" if full else f"{text} ({free})"
         raise BatonError(f"writing checkpoint step {step} failed: {why}; nothing of it is left behind. "

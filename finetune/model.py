@@ -255,11 +255,9 @@ def resolve_embedder(spec: str, like: str | None = None, seed: int = 0) -> Embed
     if spec == "random":
         if not like:
             raise BatonError("MODEL=random needs --like HANDOFF_DIR (the architecture to initialise)")
-        from baton.handoff import read_handoff
-
-        _, bmeta = read_handoff(like)
         torch.manual_seed(seed)
-        model = EmbeddingModel(build_backbone(bmeta), int(bmeta["embedding_dim"]), None)
+        backbone, bmeta = load_backbone(f"random:{like}")  # finetuning's backbone=random:DIR, the same init
+        model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), None)
         return Embedder(model, build_transform(bmeta["preprocess"]),
                         f"random init (seed {seed}) of {bmeta.get('architecture', '?')} like {like}",
                         {"kind": "random", "like": str(like), "seed": seed, "backbone": bmeta})

@@ -193,10 +193,11 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 keys += list(micro_keys)
             # every rank learns whether any rank's loss is not finite, before the update that would
             # spread it into the weights and the next checkpoint
-            bad = all_reduce_sum((~torch.isfinite(torch.stack(losses))).any().float().reshape(1))
+            step_losses = torch.stack(losses)
+            bad = all_reduce_sum((~torch.isfinite(step_losses)).any().float().reshape(1))
             if bad.item() > 0:
-                good = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-                raise BatonError(f"the loss is not finite at step {step + 1} ({torch.stack(losses).tolist()} on "
+                good = latest_checkpoint(ckpt_root)
+                raise BatonError(f"the loss is not finite at step {step + 1} ({step_losses.tolist()} on "
                                  f"rank {info.rank}); nothing of this step was applied or saved. The last good "
                                  f"checkpoint is {good or 'none yet'}: lower optim.lr (now {cfg.optim.lr}) and "
                                  f"continue with resume=latest")
