@@ -16,7 +16,6 @@ import argparse
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +106,19 @@ def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
     return Path(cfg.resume)
 
 
+def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[dict]:
+    """Backbone at optim.lr, head at optim.head_lr, and the loss's own parameters (SoftTriple's
+    centres, pml's proxies, a learnt margin beta) at optim.loss_lr: they start random, so they need
+    a rate of their own. `base_lr` is what the schedule scales each step."""
+    groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
+              {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
+              {"params": list(criterion.parameters()), "lr": o.loss_lr}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
     run_dir = Path(cfg.run_dir)
@@ -134,17 +146,11 @@ def run(cfg: FinetuneConfig) -> dict:
         bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
     model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None,
                            freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
-    loss_params = {k: v for k, v in asdict(cfg.loss).items() if k != "name"}
-    criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, **loss_params).to(device)
+    criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, cfg.loss.kwargs,
+                           cfg.miner.name, cfg.miner.kwargs).to(device)
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
     o = cfg.optim
-    groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
-              {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
-              {"params": list(criterion.parameters()), "lr": o.loss_lr}]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    optimizer = torch.optim.Adam(groups, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, criterion, o), eps=o.eps, weight_decay=o.weight_decay)
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
     total = cfg.train.epochs * steps_per_epoch
@@ -198,7 +204,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     raise BatonError(f"the loss is not finite at step {step + 1} ({loss.item()}); nothing of "
                                      f"this step was applied or saved. The last good checkpoint is "
                                      f"{latest_checkpoint(ckpt_root) or 'none yet'}: lower optim.lr / "
-                                     f"optim.loss_lr or loss.la and continue with resume=latest")
+                                     f"optim.loss_lr or loss.kwargs.la and continue with resume=latest")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if o.grad_clip > 0:
