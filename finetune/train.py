@@ -12,7 +12,6 @@ classes (`run_dir/eval.json`, and `test/*` rows in metrics.jsonl).
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from contextlib import contextmanager
@@ -23,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, refuse_used_run_dir, save_checkpoint
-from baton.config import config_changes, load_config, to_yaml
+from baton.cli_config import parse_stage_config
+from baton.config import config_changes, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
@@ -251,9 +251,9 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="baton finetune", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="YAML config, e.g. configs/demo_softtriple.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 resume=latest")
-    args = p.parse_args(argv)
-    summary = run(load_config(FinetuneConfig, args.config, args.overrides))
+    cfg = parse_stage_config("baton finetune", FinetuneConfig, argv or [], __doc__,
+                             "configs/demo_softtriple.yaml")
+    if cfg is None:  # --print-config
+        return 0
+    summary = run(cfg)
     return EXIT_STOPPED if summary.get("stopped") else 0

@@ -29,7 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir,
                               refuse_used_run_dir, tmp_step_dir, writing_step)
-from baton.config import config_changes, load_config, to_yaml
+from baton.cli_config import parse_stage_config
+from baton.config import config_changes, to_yaml
 from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.io import write_text_atomic
@@ -41,14 +42,12 @@ from pretrain.data import TrainLoader, resolve_sources, steps_per_epoch
 from pretrain.method import method_class
 from pretrain.strategies import Strategy, strategy_class
 
-USAGE = "usage: baton pretrain CONFIG [key=value ...]   e.g. baton pretrain configs/demo_clip.yaml train.epochs=2"
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    return train(load_config(PretrainConfig, argv[0], argv[1:]))
+    cfg = parse_stage_config("baton pretrain", PretrainConfig, argv, __doc__,
+                             "configs/demo_clip.yaml")
+    return 0 if cfg is None else train(cfg)
 
 
 def rng_state() -> dict:
