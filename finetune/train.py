@@ -28,6 +28,7 @@ from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from baton.preemption import EXIT_STOPPED, stop_requested
+from baton.progress import logs_above_bar, progress_bar
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -183,6 +184,9 @@ def run(cfg: FinetuneConfig) -> dict:
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
                         keep_last=cfg.train.keep_checkpoints)
 
+    bar = progress_bar(total, "finetune", initial=step)
+    redirect = logs_above_bar(log)  # log lines print above the bar; left in the finally below
+    redirect.__enter__()
     try:
         for epoch in range(step // steps_per_epoch, cfg.train.epochs):
             batches = epoch_batches(train_labels, cfg, epoch, steps_per_epoch)
@@ -211,6 +215,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 optimizer.step()
                 step += 1
+                bar.update(1)
                 window.append(loss.item())
                 if step % cfg.train.log_every == 0 or step == total:
                     last_loss = float(np.mean(window))
@@ -218,6 +223,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch, **extra)
                     log.info("step %d/%d epoch %d loss %.4f%s (%.1fs)", step, total, epoch, last_loss,
                              "".join(f" {k} {v:.4f}" for k, v in extra.items()), time.time() - t0)
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
                     window, lang_window = [], []
                 stop = stop_requested()  # a launcher asked to stop (preemption): checkpoint, return
                 if step % every == 0 or step == total or stop:
@@ -228,6 +234,8 @@ def run(cfg: FinetuneConfig) -> dict:
                     return {"steps": step, "stopped": True}
     finally:
         writer.close()
+        bar.close()
+        redirect.__exit__(None, None, None)
 
     model_dir = save_embedding_model(model.cpu(), bmeta, run_dir / "model",
                                      source={"backbone": str(cfg.backbone), "steps": step,
@@ -237,7 +245,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.train.eval_at_end:
         images = [im for im, _, _ in data.test]
         labels = np.array([y for _, y, _ in data.test])
-        emb = embed_images(model, build_transform(bmeta["preprocess"]), images)
+        emb = embed_images(model, build_transform(bmeta["preprocess"]), images, desc="embed test")
         metrics = retrieval_metrics(emb, labels)
         summary["metrics"] = metrics
         write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_queries,
