@@ -10,16 +10,24 @@ ZeroDivisionError deep inside a stage.
 A YAML recipe may start from another one: `base: demo_softtriple.yaml` (a path relative to the
 recipe's own folder) merges that file first and this one on top, so a variant states only what
 it changes (dinov2's and mmcv's config inheritance, one level of syntax: a file, not a list).
+
+A schema may declare two class attributes: `RENAMED_KEYS` ({old dotted key: new dotted key}), so
+recipes and command lines written before a key moved keep working (the value is read as the new
+key, with a warning), and a `validate()` method, run on the loaded config, for checks a field's
+type cannot express (a loss's arguments against its constructor). A `Dict[str, Any]` field is an
+open section (any key), and an override `key={...}` replaces such a section instead of merging
+into it, so `loss.kwargs={}` clears arguments a recipe set for another loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from baton.errors import BatonError
@@ -123,15 +131,53 @@ def read_recipe(path: str | Path, what: str = "a YAML file, e.g. configs/demo_cl
     return OmegaConf.merge(*nodes) if len(nodes) > 1 else nodes[0]
 
 
+def _open_dict_sections(node: DictConfig) -> None:
+    """Lift struct mode off the `Dict[str, Any]` fields (their keys are free: a loss's arguments);
+    the dataclass sections around them stay closed, so a misspelt key there is still refused."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type in (dict, None):
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_dict_sections(child)
+
+
+_MISSING = object()
+
+
+def rename_keys(node: Any, renamed: dict[str, str], source: str, warn: bool = True) -> None:
+    """Move each old key of `renamed` present in `node` to its new key (in place), with a warning;
+    a node that sets both spellings is refused, as neither can win silently."""
+    if not OmegaConf.is_dict(node):
+        return
+    for old, new in renamed.items():
+        value = OmegaConf.select(node, old, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if OmegaConf.select(node, new, default=_MISSING) is not _MISSING:
+            raise BatonError(f"{source}: sets both '{old}' and '{new}'; '{old}' is the old spelling of "
+                             f"'{new}': keep only '{new}'")
+        parent, _, leaf = old.rpartition(".")
+        (OmegaConf.select(node, parent) if parent else node).pop(leaf)
+        OmegaConf.update(node, new, value, force_add=True)
+        if warn:
+            logging.getLogger("baton").warning("%s: config key '%s' is now spelled '%s' (read as that)",
+                                               source, old, new)
+
+
 def load_config(schema: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
+    _open_dict_sections(base)
+    renamed: dict[str, str] = getattr(schema, "RENAMED_KEYS", {})
     merged = base
     if path is not None:
         path = Path(path)
         file_cfg = read_recipe(path)
+        rename_keys(file_cfg, renamed, str(path))
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as e:
@@ -139,8 +185,21 @@ def load_config(schema: type[T], path: str | Path | None = None,
     for item in overrides:
         if "=" not in item:
             raise BatonError(f"override '{item}' is not of the form key=value")
+        key, _, value = item.partition("=")
+        if key in renamed:
+            logging.getLogger("baton").warning("override '%s': config key '%s' is now spelled '%s' "
+                                               "(read as that)", item, key, renamed[key])
+            key = renamed[key]
+            item = f"{key}={value}"
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            parsed = OmegaConf.from_dotlist([item])
+            section = OmegaConf.select(merged, key, default=None)
+            if isinstance(section, DictConfig) and OmegaConf.is_dict(OmegaConf.select(parsed, key)) \
+                    and section._metadata.object_type in (dict, None):
+                OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=False)  # key={...}: replace
+                OmegaConf.set_struct(OmegaConf.select(merged, key), False)  # still an open section
+            else:
+                merged = OmegaConf.merge(merged, parsed)
         except OmegaConfBaseException as e:
             raise explain_config_error(schema, e, f"override '{item}'") from None
     try:
@@ -148,6 +207,9 @@ def load_config(schema: type[T], path: str | Path | None = None,
     except OmegaConfBaseException as e:
         raise explain_config_error(schema, e, str(path or "config")) from None
     check_ranges(cfg)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
     return cfg  # type: ignore[return-value]
 
 
@@ -184,7 +246,9 @@ def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTR
             return out
         return {prefix[:-1]: node}
 
-    old = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    saved = OmegaConf.create(old_yaml)
+    rename_keys(saved, getattr(type(cfg), "RENAMED_KEYS", {}), "saved config", warn=False)
+    old = flat(OmegaConf.to_container(saved))
     new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     # Keys the saved config lacks are schema additions since that run, not the user's changes.
     return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)

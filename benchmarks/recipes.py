@@ -28,7 +28,7 @@ from pathlib import Path
 RECIPES = {
     "demo": [],
     "cosine": ["optim.schedule=cosine"],
-    "previous": ["data.m_per_class=2", "data.crop_scale_min=0.7", "data.crop_padding=0", "loss.tau=0.2",
+    "previous": ["data.m_per_class=2", "data.crop_scale_min=0.7", "data.crop_padding=0", "loss.kwargs.tau=0.2",
                  "optim.weight_decay=1e-4", "optim.schedule=cosine", "optim.warmup=20"],
 }
 

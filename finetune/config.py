@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from baton.config import bounded
 
@@ -30,13 +30,23 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "softtriple"        # finetune.losses.LOSSES
-    centers_per_class: int = bounded(10, ge=1)
-    la: float = bounded(20.0, gt=0)
-    gamma: float = bounded(0.1, gt=0)
-    tau: float = bounded(0.2, ge=0)
-    margin: float = bounded(0.01, ge=0)
-    miner: str = ""                 # pml miner for pair losses (finetune.losses.MINERS); "" = none
+    """The DML loss (finetune/losses/registry.py): checked against its constructor when loaded."""
+    # softtriple (baton's, with the centre regulariser tau) | any pytorch-metric-learning loss
+    # class: MultiSimilarityLoss, TripletMarginLoss, ProxyAnchorLoss, ArcFaceLoss, ... (short
+    # names multisimilarity, triplet, margin also resolve)
+    name: str = "softtriple"
+    # the loss's constructor arguments, e.g. loss.kwargs.beta=40; unset ones keep the class's
+    # defaults (softtriple: centers_per_class 10, la 20, gamma 0.1, tau 0.2, margin 0.01);
+    # num_classes / embedding_size come from the data and the model
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MinerConfig:
+    """A pml miner choosing the pairs / triplets a pml loss sees (not for softtriple)."""
+    # "" = none | any pml miner class: MultiSimilarityMiner, TripletMarginMiner, BatchHardMiner, ...
+    name: str = ""
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # its constructor arguments, e.g. miner.kwargs.epsilon=0.1
 
 
 @dataclass
@@ -63,7 +73,7 @@ class LanguageConfig:
 class OptimConfig:
     lr: float = bounded(1e-4, gt=0)                # backbone
     head_lr: float = bounded(1e-3, ge=0)           # the new linear head
-    loss_lr: float = bounded(1e-2, ge=0)           # loss parameters (SoftTriple centres; the paper uses a much larger rate)
+    loss_lr: float = bounded(1e-2, ge=0)           # loss parameters (SoftTriple centres, pml proxies; the paper uses a much larger rate)
     weight_decay: float = bounded(1e-4, ge=0)
     eps: float = bounded(1e-2, gt=0)               # Adam epsilon, as in the SoftTriple code
     warmup: int = bounded(0, ge=0)                 # linear warmup steps, then cosine decay to 0
@@ -86,6 +96,11 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    # The loss keys before loss.kwargs / miner: recipes and command lines using them still run.
+    RENAMED_KEYS: ClassVar[Dict[str, str]] = {
+        **{f"loss.{k}": f"loss.kwargs.{k}" for k in ("centers_per_class", "la", "gamma", "tau", "margin")},
+        "loss.miner": "miner.name"}
+
     run_dir: str = "runs/finetune"
     seed: int = 0
     resume: str = ""                # "" = fresh (refuses a run_dir with checkpoints), latest, or a checkpoint path
@@ -95,6 +110,15 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    miner: MinerConfig = field(default_factory=MinerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+
+    def validate(self) -> None:
+        """The loss and the miner exist and take the configured arguments (refused when the config
+        is loaded, before any data is read); their names are recorded as the classes they resolve to."""
+        from finetune.losses import check_loss_and_miner
+
+        self.loss.name, self.miner.name = check_loss_and_miner(self.loss.name, self.loss.kwargs,
+                                                               self.miner.name, self.miner.kwargs)

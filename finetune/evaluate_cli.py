@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("evaluate %s on %d %s images of %d classes", embedder.description, len(items), args.split,
              labels.max() + 1)
     n_queries = require_answerable(labels, f"{args.data_root} ({args.split} split)")
-    emb = embed_images(embedder.model.to(device), embedder.transform, images, args.batch_size, device)
+    emb = embed_images(embedder.model.to(device), embedder.transform, images, args.batch_size, device,
+                       desc=f"embed {args.split}")
     metrics = retrieval_metrics(emb, labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

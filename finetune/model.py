@@ -128,16 +128,21 @@ class Embedder:
 
 @torch.no_grad()
 def embed_images(model: nn.Module, transform: Callable, images: Sequence[Image.Image],
-                 batch_size: int = 128, device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, E) float32 embeddings of PIL images (or image paths), in order, with the model in eval mode."""
+                 batch_size: int = 128, device: str | torch.device = "cpu", desc: str = "") -> np.ndarray:
+    """(N, E) float32 embeddings of PIL images (or image paths), in order, with the model in eval
+    mode; `desc`: a progress bar of that name (on a terminal)."""
+    from baton.progress import progress_bar
     from finetune.datasets import load_image
 
     was_training = model.training
     model.eval()
     out = []
+    bar = progress_bar(len(images), desc, enabled=bool(desc), unit="img")
     for s in range(0, len(images), batch_size):
         x = torch.stack([transform(load_image(im)) for im in images[s:s + batch_size]]).to(device)
         out.append(model(x).float().cpu())
+        bar.update(x.shape[0])
+    bar.close()
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 

@@ -12,11 +12,9 @@ classes (`run_dir/eval.json`, and `test/*` rows in metrics.jsonl).
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, refuse_used_run_dir, save_checkpoint
-from baton.config import config_changes, load_config, to_yaml
+from baton.cli_config import parse_stage_config
+from baton.config import config_changes, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from baton.preemption import EXIT_STOPPED, stop_requested
+from baton.progress import logs_above_bar, progress_bar
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -107,6 +107,19 @@ def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
     return Path(cfg.resume)
 
 
+def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[dict]:
+    """Backbone at optim.lr, head at optim.head_lr, and the loss's own parameters (SoftTriple's
+    centres, pml's proxies, a learnt margin beta) at optim.loss_lr: they start random, so they need
+    a rate of their own. `base_lr` is what the schedule scales each step."""
+    groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
+              {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
+              {"params": list(criterion.parameters()), "lr": o.loss_lr}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
     run_dir = Path(cfg.run_dir)
@@ -134,17 +147,11 @@ def run(cfg: FinetuneConfig) -> dict:
         bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
     model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None,
                            freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
-    loss_params = {k: v for k, v in asdict(cfg.loss).items() if k != "name"}
-    criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, **loss_params).to(device)
+    criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, cfg.loss.kwargs,
+                           cfg.miner.name, cfg.miner.kwargs).to(device)
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
     o = cfg.optim
-    groups = [{"params": list(model.backbone.parameters()), "lr": o.lr},
-              {"params": list(model.head.parameters()) if model.head is not None else [], "lr": o.head_lr},
-              {"params": list(criterion.parameters()), "lr": o.loss_lr}]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    optimizer = torch.optim.Adam(groups, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, criterion, o), eps=o.eps, weight_decay=o.weight_decay)
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
     total = cfg.train.epochs * steps_per_epoch
@@ -177,6 +184,9 @@ def run(cfg: FinetuneConfig) -> dict:
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
                         keep_last=cfg.train.keep_checkpoints)
 
+    bar = progress_bar(total, "finetune", initial=step)
+    redirect = logs_above_bar(log)  # log lines print above the bar; left in the finally below
+    redirect.__enter__()
     try:
         for epoch in range(step // steps_per_epoch, cfg.train.epochs):
             batches = epoch_batches(train_labels, cfg, epoch, steps_per_epoch)
@@ -198,13 +208,14 @@ def run(cfg: FinetuneConfig) -> dict:
                     raise BatonError(f"the loss is not finite at step {step + 1} ({loss.item()}); nothing of "
                                      f"this step was applied or saved. The last good checkpoint is "
                                      f"{latest_checkpoint(ckpt_root) or 'none yet'}: lower optim.lr / "
-                                     f"optim.loss_lr or loss.la and continue with resume=latest")
+                                     f"optim.loss_lr or loss.kwargs.la and continue with resume=latest")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if o.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 optimizer.step()
                 step += 1
+                bar.update(1)
                 window.append(loss.item())
                 if step % cfg.train.log_every == 0 or step == total:
                     last_loss = float(np.mean(window))
@@ -212,6 +223,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch, **extra)
                     log.info("step %d/%d epoch %d loss %.4f%s (%.1fs)", step, total, epoch, last_loss,
                              "".join(f" {k} {v:.4f}" for k, v in extra.items()), time.time() - t0)
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
                     window, lang_window = [], []
                 stop = stop_requested()  # a launcher asked to stop (preemption): checkpoint, return
                 if step % every == 0 or step == total or stop:
@@ -222,6 +234,8 @@ def run(cfg: FinetuneConfig) -> dict:
                     return {"steps": step, "stopped": True}
     finally:
         writer.close()
+        bar.close()
+        redirect.__exit__(None, None, None)
 
     model_dir = save_embedding_model(model.cpu(), bmeta, run_dir / "model",
                                      source={"backbone": str(cfg.backbone), "steps": step,
@@ -231,7 +245,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.train.eval_at_end:
         images = [im for im, _, _ in data.test]
         labels = np.array([y for _, y, _ in data.test])
-        emb = embed_images(model, build_transform(bmeta["preprocess"]), images)
+        emb = embed_images(model, build_transform(bmeta["preprocess"]), images, desc="embed test")
         metrics = retrieval_metrics(emb, labels)
         summary["metrics"] = metrics
         write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_queries,
@@ -245,9 +259,9 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="baton finetune", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="YAML config, e.g. configs/demo_softtriple.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2 resume=latest")
-    args = p.parse_args(argv)
-    summary = run(load_config(FinetuneConfig, args.config, args.overrides))
+    cfg = parse_stage_config("baton finetune", FinetuneConfig, argv or [], __doc__,
+                             "configs/demo_softtriple.yaml")
+    if cfg is None:  # --print-config
+        return 0
+    summary = run(cfg)
     return EXIT_STOPPED if summary.get("stopped") else 0

@@ -49,8 +49,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "ViT-B-16"                    # open_clip model name, or a label when `config` is set
     # An open_clip model config dict (embed_dim, vision_cfg, text_cfg); when set it is built instead
-    # of a named model. Typed Any, not Dict[str, Any]: baton.config's struct mode rejects the keys
-    # of an empty Dict field, while an Any field takes the whole dict from the YAML file.
+    # of a named model. Typed Any (None by default: a named model) so the YAML gives the whole dict.
     config: Any = None
     pretrained: Optional[str] = None          # open_clip pretrained tag or file (named models only)
     # LiT: freeze the text tower (open_clip_train's --lock-text, --lock-text-unlocked-layers,

@@ -24,31 +24,29 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir,
                               refuse_used_run_dir, tmp_step_dir, writing_step)
-from baton.config import config_changes, load_config, to_yaml
+from baton.cli_config import parse_stage_config
+from baton.config import config_changes, to_yaml
 from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from baton.preemption import EXIT_STOPPED, stop_requested
+from baton.progress import logs_above_bar, progress_bar
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, steps_per_epoch
 from pretrain.method import method_class
 from pretrain.strategies import Strategy, strategy_class
 
-USAGE = "usage: baton pretrain CONFIG [key=value ...]   e.g. baton pretrain configs/demo_clip.yaml train.epochs=2"
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    return train(load_config(PretrainConfig, argv[0], argv[1:]))
+    cfg = parse_stage_config("baton pretrain", PretrainConfig, argv, __doc__,
+                             "configs/demo_clip.yaml")
+    return 0 if cfg is None else train(cfg)
 
 
 def rng_state() -> dict:
@@ -147,7 +145,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_project=cfg.train.wandb_project,
                             config={"config": to_yaml(cfg)})
     global_batch = cfg.data.batch_size * accum * info.world_size
-    progress = tqdm(total=total, initial=step, disable=not info.is_main, desc="pretrain", dynamic_ncols=True)
+    progress = progress_bar(total, "pretrain", initial=step, enabled=info.is_main)
     window = (time.perf_counter(), step)
     stop_at = min(total, cfg.train.stop_after_steps or total)
     stopped = False
@@ -175,7 +173,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         barrier()
 
     batches = forever(loader)
-    with logging_redirect_tqdm(loggers=[log]):  # log lines print above the progress bar
+    with logs_above_bar(log):
         while step < stop_at and not stopped:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(step, total, cfg.optim.warmup_steps)

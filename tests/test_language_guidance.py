@@ -86,7 +86,7 @@ def test_miners_wrap_pml_losses():
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
     y = torch.arange(8).repeat(2)
-    mined = build_loss("multisimilarity", 8, 8, miner="multisimilarity")
+    mined = build_loss("multisimilarity", 8, 8, miner="multisimilarity")  # the short names still resolve
     want = losses.MultiSimilarityLoss()(x, y, miners.MultiSimilarityMiner()(x, y))
     assert torch.allclose(mined(x, y), want)
     with pytest.raises(BatonError, match="miner"):

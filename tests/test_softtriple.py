@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from finetune.losses import LOSSES, SoftTriple, build_loss
+from finetune.losses import SoftTriple, build_loss, pml_losses
 
 
 def reference_softtriple(x, labels, centers_param, C, K, la, gamma, tau, margin):
@@ -81,8 +81,8 @@ def test_kaiming_init_bound_and_registry():
     crit = SoftTriple(10, 16, centers_per_class=10)
     bound = 1.0 / math.sqrt(crit.centers.shape[1])  # kaiming_uniform(a=sqrt(5)) on fan_in = C*K
     assert crit.centers.abs().max().item() <= bound + 1e-7
-    assert set(LOSSES) >= {"softtriple", "margin", "multisimilarity", "triplet"}
-    assert isinstance(build_loss("softtriple", 10, 16, centers_per_class=2), SoftTriple)
+    assert set(pml_losses()) >= {"MarginLoss", "MultiSimilarityLoss", "TripletMarginLoss", "ProxyAnchorLoss"}
+    assert isinstance(build_loss("softtriple", 10, 16, {"centers_per_class": 2}), SoftTriple)
     e = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     assert torch.isfinite(build_loss("multisimilarity", 4, 16)(e, y))
