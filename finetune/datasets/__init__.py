@@ -18,6 +18,7 @@ from typing import Callable
 from PIL import Image
 
 from baton.errors import BatonError
+from baton.images import rgb_on_white
 
 Item = tuple["Image.Image | Path", int, str]
 
@@ -33,25 +34,15 @@ class Split:
         return getattr(self, name)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB on a white background: emoji PNGs are RGBA, and a transparent background would
-    otherwise turn black (or random) depending on the decoder."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img, mask=img.getchannel("A"))
-        return bg
-    return img.convert("RGB")
-
-
 def load_image(image: "Image.Image | Path | str") -> Image.Image:
-    """A PIL image as is; a path decoded to RGB (a BatonError naming the file if it cannot be)."""
+    """A PIL image as is; a path decoded to RGB on white (`baton.images`; a BatonError naming the
+    file if it cannot be)."""
     if isinstance(image, Image.Image):
         return image
     try:
         with Image.open(image) as f:
             f.load()
-            return to_rgb(f)
+            return rgb_on_white(f)
     except (OSError, ValueError) as e:
         raise BatonError(f"{image}: cannot decode image ({e}); remove or replace it") from None
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image
 
 from baton.errors import BatonError
-from finetune.datasets import Item, Split, label_items, to_rgb
+from baton.images import rgb_on_white
+from finetune.datasets import Item, Split, label_items
 
 
 def read_shard_dir(d: Path) -> list[tuple[Image.Image, str]]:
@@ -35,7 +36,7 @@ def read_shard_dir(d: Path) -> list[tuple[Image.Image, str]]:
             raise BatonError(f"{d}: sample {key!r} has no json['class'], which DML needs as its label")
         img = Image.open(io.BytesIO(raw))
         img.load()
-        samples.append((sample["__url__"], key, to_rgb(img), str(meta["class"])))
+        samples.append((sample["__url__"], key, rgb_on_white(img), str(meta["class"])))
     samples.sort(key=lambda s: (s[1], s[0]))
     return [(img, cls) for _, _, img, cls in samples]
 
