@@ -71,6 +71,14 @@ def test_a_corrupt_png_in_a_finetune_shard_is_skipped_counted_and_the_rest_train
     assert len(split.train) == 111 and len(split.test) == 32        # 1/112 < the default 1 %
     assert key not in {n for _, _, n in split.train} and f"{key} in {shard}" in baton_log.text
     assert "bad_image" in baton_log.text
+    from pretrain.data.labelled import read_labelled
+
+    data = read_labelled(str(root / "train"), caption_required=False, class_required=True)
+    assert len(data.decode_owned()) == 111 and data.skipped == {"bad_image": 1}
+    assert data.skipped_fraction() == 1 / 112
+    data.check_skipped(1 / 112, "train")                              # at the limit: counted, not fatal
+    with pytest.raises(BatonError, match=rf"0\.9% .*{shard} \(1\)"):
+        data.check_skipped(0.008, "train")
 
     handoff = write_tiny_handoff(tmp_path / "handoff")
     args = overrides(tmp_path, handoff, "run", "train.epochs=1", "train.steps_per_epoch=2", "train.eval_at_end=false")

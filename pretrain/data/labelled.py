@@ -58,6 +58,7 @@ class LabelledSample:
 class LabelledSet:
     samples: list[LabelledSample]      # every kept sample (image bytes only for this rank's)
     skipped: Counter                   # reason -> count, identical on every rank (bad_image: this rank's)
+    read: int = 0                      # samples read from the shards: kept, or skipped by the checks
     lost: int = 0                      # samples stats.json lists that could not be read (see `check_skipped`)
     bad_by_shard: Counter = field(default_factory=Counter)   # shard URL -> samples skipped or lost there
     tally: Optional[Tally] = None      # logs each skip naming the shard and key
@@ -86,7 +87,7 @@ class LabelledSet:
     def skipped_fraction(self) -> float:
         """Samples skipped or lost over the samples the shards should have given (read + lost)."""
         bad = sum(n for r, n in self.skipped.items() if r not in SHARD_REASONS) + self.lost
-        return bad / max(1, len(self.samples) + bad)
+        return bad / max(1, self.read + self.lost)
 
     def check_skipped(self, max_fraction: Optional[float], where: str,
                       fraction_key: str = "data.max_skipped_fraction") -> None:
@@ -184,6 +185,7 @@ def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0,
                 stopped_at = raw["__url__"]
                 break
             read[raw["__url__"]] += 1
+            data.read += 1
             checked = _check(raw, caption_required, class_required)
             if isinstance(checked, str):
                 data._skip(checked, raw["__key__"], raw["__url__"])
