@@ -22,7 +22,8 @@ from finetune.datasets import Split, label_items
 from pretrain.data.labelled import read_labelled
 
 log = logging.getLogger("baton.finetune")
-LIMIT_NAMES = "data.max_skipped_fraction; `baton evaluate --max-skipped-fraction`"
+# where a user sets the limit, named in the error
+LIMIT_SETTINGS = "data.max_skipped_fraction; `baton evaluate --max-skipped-fraction`"
 
 
 def read_shard_split(root: str, split: str, max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION
@@ -32,9 +33,9 @@ def read_shard_split(root: str, split: str, max_skipped_fraction: float | None =
                          class_required=True)
     where = f"data.root={root} ({split}/)"
     images = data.decode_owned()
-    data.check_skipped(max_skipped_fraction, where, LIMIT_NAMES)
+    data.check_skipped(max_skipped_fraction, where, LIMIT_SETTINGS)
     if data.skipped:
-        log.warning("%s: %d samples read, skipped by reason: %s", where, len(images), dict(sorted(data.skipped.items())))
+        log.warning("%s: %d samples kept, skipped by reason: %s", where, len(images), dict(sorted(data.skipped.items())))
     return [(img, s.label) for s, img in images]
 
 
