@@ -50,6 +50,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baton.images import rgb_on_white  # noqa: E402
 from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import SampleToPair, make_loader, resolve_sources, steps_per_epoch  # noqa: E402
 from pretrain.data.uint8_images import split_normalize  # noqa: E402
@@ -112,7 +113,7 @@ def run_decode_limit(images: list[bytes], size: int, normalise: bool) -> tuple[i
     transform = make_transform(size) if normalise else make_transform(size).transforms[0]
     start = time.perf_counter()
     for data in images:
-        transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        transform(rgb_on_white(Image.open(io.BytesIO(data))))   # what the loader's decode_image does
     return len(images), time.perf_counter() - start
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.images import decode, on_white, resize_max_side  # noqa: E402
+from baton.images import rgb_on_white  # noqa: E402
+from data_prep.images import decode, resize_max_side  # noqa: E402
 
 
 def make_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
@@ -47,7 +48,7 @@ def decode_limit(paths: list[Path], max_side: int) -> float:
     """samples/s of read + decode + resize in this process."""
     t0 = time.perf_counter()
     for p in paths:
-        resize_max_side(on_white(decode(p.read_bytes(), str(p))), max_side)
+        resize_max_side(rgb_on_white(decode(p.read_bytes(), str(p))), max_side)
     return len(paths) / (time.perf_counter() - t0)
 
 

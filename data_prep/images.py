@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from baton.images import rgb_on_white
+
 # Extensions tried as images by the folder source; anything else is skipped and counted.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Formats whose original bytes can go into a shard unchanged (as `png` / `jpg`).
@@ -64,17 +66,6 @@ def decode(data: bytes, where: str = "") -> Image.Image:
     if img.width < 1 or img.height < 1:
         raise SkipSample("undecodable_image", f"{where}: empty image")
     return img
-
-
-def on_white(img: Image.Image) -> Image.Image:
-    """RGB with any transparency composited on white (emoji and logos have alpha)."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA") or img.mode.endswith("A"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def encode_png(img: Image.Image) -> bytes:
@@ -132,7 +123,7 @@ def prepare_image(data: bytes, where: str, opts: ImageOptions = ImageOptions()) 
     resized = opts.size is not None or (opts.max_side is not None and max(img.size) > opts.max_side)
     if not resized and opts.jpeg_quality is None and img.format in PASSTHROUGH:
         return data, PASSTHROUGH[img.format]
-    rgb = on_white(img)
+    rgb = rgb_on_white(img)
     if opts.size is not None:
         rgb = resize_short_side(rgb, opts.size)
     if opts.max_side is not None:

@@ -8,11 +8,15 @@ from typing import Any, ClassVar, Dict, Optional
 
 from baton.config import bounded
 
+# The default of `data.max_skipped_fraction` (and `baton evaluate --max-skipped-fraction`): a
+# labelled set with more than 1 % of its samples skipped or lost is broken, not unlucky.
+MAX_SKIPPED_FRACTION = 0.01
+
 
 @dataclass
 class DataConfig:
     source: str = "shards"          # shards | folder (finetune.datasets)
-    root: str = "data/emoji"        # shards: ROOT/{train,test}/ ; folder: ROOT/<class>/<images>
+    root: str = "data/emoji"        # shards: ROOT/{train,test}/ (a path or an http(s)/s3 URL) ; folder: ROOT/<class>/<images>
     batch_size: int = bounded(64, gt=0)
     m_per_class: int = bounded(2, ge=1)            # images per class in a batch (pml MPerClassSampler)
     workers: int = bounded(0, ge=0)                # DataLoader worker processes (0: load in the training process)
@@ -20,6 +24,9 @@ class DataConfig:
     crop_padding: int = bounded(0, ge=0)           # random crop of the image padded by this many pixels (a shift); 0 = off
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
     test_resize: int = bounded(0, ge=0)            # >image size: test images resized (shorter side) to this, centre-cropped
+    # shards: the share of a split's samples that may be skipped (bad image, no class, bad json) or
+    # lost (a truncated shard) before loading fails naming the shards; below it they are counted
+    max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)
 
 
 @dataclass

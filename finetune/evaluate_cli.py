@@ -18,6 +18,7 @@ import torch
 
 from baton.io import atomic_path, write_json_atomic
 from baton.logs import setup_logging
+from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import DATASETS, load_dataset
 from finetune.evaluate import knn_excluding_self, l2_normalize, require_answerable, retrieval_metrics
 from finetune.model import embed_images, resolve_embedder
@@ -66,6 +67,17 @@ def retrieval_grid(images, labels: np.ndarray, names: list[str], emb: np.ndarray
     return out
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1], as `data.max_skipped_fraction` takes in finetuning's config."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="baton evaluate", description=__doc__.split("\n")[0])
     p.add_argument("model", help="finetune run dir | its model/ | handoff dir | random | pixels")
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-source", default="shards", choices=DATASETS)
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--max-skipped-fraction", type=_fraction, default=MAX_SKIPPED_FRACTION,
+                   help="shards: the share of bad or lost samples skipped (and counted) before failing")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging()
 
     embedder = resolve_embedder(args.model, like=args.like, seed=args.seed)  # fail fast on a bad MODEL
-    items = load_dataset(args.data_source, args.data_root, args.seed).get(args.split)
+    items = load_dataset(args.data_source, args.data_root, args.seed, args.max_skipped_fraction).get(args.split)
     device = torch.device("cuda" if args.device == "cuda" or
                           (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     images = [im for im, _, _ in items]

@@ -136,7 +136,7 @@ def run(cfg: FinetuneConfig) -> dict:
     device = torch.device("cuda" if cfg.train.device == "cuda" or
                           (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
 
-    data = load_dataset(cfg.data.source, cfg.data.root, cfg.seed)
+    data = load_dataset(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.max_skipped_fraction)
     train_labels = [y for _, y, _ in data.train]
     n_classes = max(train_labels) + 1
     _check(cfg, n_classes)

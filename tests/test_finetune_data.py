@@ -10,7 +10,8 @@ from PIL import Image
 
 from baton.errors import BatonError
 from conftest import make_synthetic_shards
-from finetune.datasets import load_dataset, to_rgb
+from baton.images import rgb_on_white
+from finetune.datasets import load_dataset
 
 
 def _folder(root, n_classes=6, per_class=3):
@@ -74,7 +75,7 @@ def test_shards_train_test(tmp_path):
     img, _, name = next(it for it in s.train if it[2] == "red square")
     px = np.asarray(img).reshape(-1, 3)
     assert ((px == (220, 40, 40)).all(1) | (px == 255).all(1)).mean() > 0.9
-    # loading is deterministic (sorted by key, not by shard order)
+    # loading is deterministic (shard order, as pretraining reads the same shards)
     again = load_dataset("shards", tmp_path)
     assert [n for _, _, n in again.train] == [n for _, _, n in s.train]
 
@@ -91,4 +92,4 @@ def test_shards_errors(tmp_path):
 
 def test_rgba_composited_on_white():
     img = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
-    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+    assert rgb_on_white(img).getpixel((0, 0)) == (255, 255, 255)

@@ -1,6 +1,7 @@
 """Labelled image datasets for metric learning, by config name (`data.source`).
 
-A loader takes (root, seed) and returns a `Split`: `train` and `test` lists of
+A loader takes (root, seed) and returns a `Split` (the `shards` loader also takes the share of bad
+samples it skips before failing, and its root may be a URL): `train` and `test` lists of
 `(image, label, class name)`, where the image is a PIL image or, for the published benchmarks
 (CUB200, CARS196, SOP: tens of thousands of full-size photos), the Path of its file, decoded only
 when used (`load_image`). Test classes are disjoint from train classes (retrieval is
@@ -18,6 +19,8 @@ from typing import Callable
 from PIL import Image
 
 from baton.errors import BatonError
+from baton.images import rgb_on_white
+from finetune.config import MAX_SKIPPED_FRACTION
 
 Item = tuple["Image.Image | Path", int, str]
 
@@ -33,25 +36,15 @@ class Split:
         return getattr(self, name)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB on a white background: emoji PNGs are RGBA, and a transparent background would
-    otherwise turn black (or random) depending on the decoder."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img, mask=img.getchannel("A"))
-        return bg
-    return img.convert("RGB")
-
-
 def load_image(image: "Image.Image | Path | str") -> Image.Image:
-    """A PIL image as is; a path decoded to RGB (a BatonError naming the file if it cannot be)."""
+    """A PIL image as is; a path decoded to RGB on white (`baton.images`; a BatonError naming the
+    file if it cannot be)."""
     if isinstance(image, Image.Image):
         return image
     try:
         with Image.open(image) as f:
             f.load()
-            return to_rgb(f)
+            return rgb_on_white(f)
     except (OSError, ValueError) as e:
         raise BatonError(f"{image}: cannot decode image ({e}); remove or replace it") from None
 
@@ -95,15 +88,21 @@ def _loaders() -> dict[str, Callable[[Path, int], Split]]:
 DATASETS = ("shards", "folder", "cub200", "cars196", "sop")
 
 
-def load_dataset(source: str, root: str | Path, seed: int = 0) -> Split:
+def load_dataset(source: str, root: str | Path, seed: int = 0,
+                 max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION) -> Split:
+    """The split of `source` at `root`. `max_skipped_fraction` is the share of bad samples the
+    shards source skips (and counts) before it fails (`data.max_skipped_fraction`); the other
+    sources fail at the first bad file, naming it."""
     loaders = _loaders()
     if source not in loaders:
         raise BatonError(f"unknown data.source '{source}'; choose one of: {', '.join(loaders)}")
-    root = Path(root)
-    if not root.is_dir():
+    if "://" not in str(root) and not Path(root).is_dir():
         raise BatonError(f"data.root {root} is not a directory (data.source={source}); "
                          f"create the data first, e.g. `baton shards emoji {root}`, or fix data.root")
-    split = loaders[source](root, seed)
+    if source == "shards":   # read through fsspec (its root may be a URL), skipping and counting bad samples
+        split = loaders[source](str(root), seed, max_skipped_fraction)
+    else:
+        split = loaders[source](Path(root), seed)
     for name in ("train", "test"):
         if not split.get(name):
             raise BatonError(f"{root}: the {name} split is empty (data.source={source})")

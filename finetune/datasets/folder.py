@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from baton.errors import BatonError
-from finetune.datasets import Split, label_items, to_rgb
+from baton.images import rgb_on_white
+from finetune.datasets import Split, label_items
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -27,7 +28,7 @@ def _read_class(d: Path) -> list[tuple[Image.Image, str]]:
                 img.load()
             except Exception as e:
                 raise BatonError(f"{f}: cannot decode image ({e}); remove or replace it") from None
-            out.append((to_rgb(img), d.name))
+            out.append((rgb_on_white(img), d.name))
     return out
 
 

@@ -1,50 +1,110 @@
-"""Held-out labelled shards for evaluation: (index, caption, class, image bytes) in a fixed order.
+"""Labelled shards, for every stage that reads them: (index, caption, class, image bytes) in a fixed order.
 
-Evaluation needs every rank to agree on which sample is which, whatever the world size: the
-samples are numbered in shard order (the order `resolve_shards` lists them), the first
-`max_samples` valid ones are kept, and a rank decodes only the indices it owns (`index % world ==
-rank`). Every rank reads the (small) held-out set's bytes but keeps the image bytes of its own
-samples only; the checks that need no decoding (missing image or caption, undecodable caption or
-JSON, repeated key) run on every rank, so all ranks number the same samples. Such samples are
-skipped and counted by reason; a bad image is found only by the rank that decodes it (see
-`pretrain.clip.evaluation`).
+One reader for pretraining's held-out sets (`eval.shards`, `dino.knn_shards`) and finetuning's
+train and test splits (`data.source=shards`, `baton evaluate`), so that the same shards give the
+same samples, in the same order, everywhere. It reads through the training loader's path
+(`samples.shard_files`: fsspec with `baton.remote`'s timeouts, so local paths, http(s) and s3 all
+work; `samples.group_samples`) and skips and counts what is bad instead of stopping at it.
 
-The class of a sample is `key.json["class"]`, or its caption `key.txt` when the JSON has none.
+Order: samples are numbered in shard order (the order `resolve_shards` lists them: stats.json's,
+else sorted names), the first `max_samples` valid ones are kept, and a rank decodes only the
+indices it owns (`index % world == rank`), so every rank agrees on which sample is which
+whatever the world size. Every rank reads the set's bytes but keeps the image bytes of its own
+samples only; the checks that need no decoding run on every rank, so all ranks number the same
+samples. A bad image is found only by the rank that decodes it (`LabelledSet.decode_owned`, or
+the caller's own loop as in `pretrain.clip.evaluation`).
+
+Skipped, counted by reason and logged naming the shard and key (the first few of each reason):
+`missing_image`, `missing_caption` / `bad_caption` (where a caption is required), `missing_class`
+(where a `json["class"]` is required), `bad_json`, `duplicate_key`, `bad_image` (when decoded),
+`unreadable_shard` (a read error: truncated, not a tar, unreachable) and `short_shard` (a shard that
+held fewer samples than its stats.json `count`: cut at a member boundary, or rewritten). A
+truncated shard is never read as a smaller dataset without a word: `check_skipped` fails naming
+the shards once more than a fraction of the samples is lost.
+
+The class of a sample is `key.json["class"]`, or (unless `class_required`) its caption `key.txt`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from PIL import Image
+
 from baton.errors import BatonError
-from pretrain.data.samples import IMAGE_KEYS, group_samples, shard_files, Tally
+from pretrain.data.samples import IMAGE_KEYS, Rejected, Tally, decode_image, group_samples, shard_files
 from pretrain.data.sources import resolve_sources
 
 EMPTY_SHARDS_LIMIT = 1000   # consecutive shards without a file before giving up (a wrong path, not bad luck)
+SHARD_REASONS = ("unreadable_shard", "short_shard")   # counted once per shard, not per sample
+log = logging.getLogger("baton.data")
 
 
 @dataclass
 class LabelledSample:
     index: int                 # position among the kept samples, in shard order
     key: str
-    caption: str
+    caption: str               # "" where no caption is required and the sample has none
     label: str                 # the class name
     image: Optional[dict]      # {extension: image bytes} on the rank that owns `index`, else None
+    url: str = ""              # the shard it came from
 
 
 @dataclass
 class LabelledSet:
     samples: list[LabelledSample]      # every kept sample (image bytes only for this rank's)
-    skipped: Counter                   # reason -> count, identical on every rank
+    skipped: Counter                   # reason -> count, identical on every rank (bad_image: this rank's)
+    read: int = 0                      # samples read from the shards: kept, or skipped by the checks
+    lost: int = 0                      # samples stats.json lists that could not be read (see `check_skipped`)
+    bad_by_shard: Counter = field(default_factory=Counter)   # shard URL -> samples skipped or lost there
+    tally: Optional[Tally] = None      # logs each skip naming the shard and key
 
     def owned(self) -> list[LabelledSample]:
         return [s for s in self.samples if s.image is not None]
 
+    def decode_owned(self) -> list[tuple[LabelledSample, Image.Image]]:
+        """(sample, RGB image) for each of this rank's samples that decodes; the others are
+        skipped and counted as `bad_image`, with a warning naming the shard and key."""
+        out = []
+        for s in self.owned():
+            try:
+                out.append((s, decode_image(s.image)))
+            except Rejected as r:
+                self._skip(r.reason, s.key, s.url, r.detail)
+        return out
 
-def _check(sample: dict[str, Any]) -> tuple[str, str, str] | str:
+    def _skip(self, reason: str, key: str, url: str, detail: str = "") -> None:
+        if self.tally is not None:
+            self.tally.reject(reason, key, url, detail)   # counts into self.skipped (the same Counter)
+        else:
+            self.skipped[reason] += 1
+        self.bad_by_shard[url] += 1
+
+    def skipped_fraction(self) -> float:
+        """Samples skipped or lost over the samples the shards should have given (read + lost)."""
+        bad = sum(n for r, n in self.skipped.items() if r not in SHARD_REASONS) + self.lost
+        return bad / max(1, self.read + self.lost)
+
+    def check_skipped(self, max_fraction: Optional[float], where: str,
+                      fraction_key: str = "data.max_skipped_fraction") -> None:
+        """Raise `BatonError` naming the worst shards when more than `max_fraction` of the samples
+        were skipped or lost (None: no limit); below it the skips stay counted and logged."""
+        if max_fraction is None or not self.skipped:
+            return
+        fraction = self.skipped_fraction()
+        if fraction <= max_fraction:
+            return
+        worst = ", ".join(f"{url} ({n})" for url, n in self.bad_by_shard.most_common(3))
+        raise BatonError(f"{where}: {fraction:.1%} of the samples were skipped or lost, more than {max_fraction} "
+                         f"({fraction_key}); by reason: {dict(sorted(self.skipped.items()))}; most in {worst}. "
+                         f"Rewrite those shards with `baton shards`, or raise the limit to use what is left")
+
+
+def _check(sample: dict[str, Any], caption_required: bool, class_required: bool) -> tuple[str, str, str] | str:
     """(caption, class, image extension) of a raw sample, or the reason to skip it."""
     if "__reject__" in sample:
         return sample["__reject__"]
@@ -52,12 +112,16 @@ def _check(sample: dict[str, Any]) -> tuple[str, str, str] | str:
     if ext is None:
         return "missing_image"
     raw = sample.get("txt")
+    caption = ""
     if raw is None or not raw.strip():
-        return "missing_caption"
-    try:
-        caption = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "bad_caption"
+        if caption_required:
+            return "missing_caption"
+    else:
+        try:
+            caption = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            if caption_required:
+                return "bad_caption"
     label = caption
     if "json" in sample:
         try:
@@ -66,41 +130,75 @@ def _check(sample: dict[str, Any]) -> tuple[str, str, str] | str:
             return "bad_json"
         if isinstance(meta, dict) and isinstance(meta.get("class"), str) and meta["class"].strip():
             label = meta["class"].strip()
+        elif class_required:
+            return "missing_class"
+    elif class_required:
+        return "missing_class"
     return caption, label, ext
 
 
+def _count_short_shards(data: LabelledSet, urls: list[str], counts: dict[str, int], read: Counter,
+                        stopped_at: Optional[str]) -> None:
+    """Compare each fully read shard's samples with stats.json's `count`: the missing ones are
+    `lost`, and a shard that read without an error but short is counted as `short_shard` (an
+    unreadable one already is `unreadable_shard`). A shard that failed to read and has no count
+    in stats.json adds one lost sample: at least one is missing, how many is unknown."""
+    failed = {urls[n] for n in data.tally.failed}
+    done = urls if stopped_at is None else urls[:urls.index(stopped_at)]
+    for url in dict.fromkeys(done):
+        expected = counts.get(url, 0) * urls.count(url)
+        missing = expected - read[url] if url in counts else int(url in failed)
+        if missing <= 0:
+            continue
+        data.lost += missing
+        data.bad_by_shard[url] += missing
+        if url not in failed:
+            data.skipped["short_shard"] += 1
+            log.warning("%s: shard %s held %d samples, but its stats.json lists %d (truncated or rewritten?)",
+                        data.tally.where, url, read[url], expected)
+
+
 def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                  key: str = "eval.shards") -> LabelledSet:
+                  key: str = "eval.shards", caption_required: bool = True,
+                  class_required: bool = False) -> LabelledSet:
     """The labelled samples of `shards` (a path, URL, brace pattern or list, as `data.train_shards`).
 
     The result lists the same samples, in the same order, on every rank; rank r holds the image
     bytes of the samples whose index % world_size == r. Raises `BatonError` naming `key` when the
-    shards are missing or hold no usable sample.
+    shards are missing or hold no usable sample. Finetuning needs a class but no caption
+    (`caption_required=False, class_required=True`); CLIP evaluation needs a caption.
     """
     try:
-        urls = resolve_sources(shards).urls
+        sources = resolve_sources(shards)
     except BatonError as e:
         raise BatonError(f"{key}: {e}".replace("data.train_shards", key)) from None
+    urls = sources.urls
+    counts = {u: c for s in sources.sources for u, c in s.counts.items()}
     tally = Tally(where=key)
-    skipped: Counter = Counter()
-    samples: list[LabelledSample] = []
+    data = LabelledSet(samples=[], skipped=tally.rejected, tally=tally)
+    read: Counter = Counter()   # shard URL -> samples read from it (kept or skipped)
+    stopped_at = None
     raw_samples = group_samples(shard_files(enumerate(urls), tally, EMPTY_SHARDS_LIMIT))
     try:
         for raw in raw_samples:
-            if max_samples is not None and len(samples) >= max_samples:
+            if max_samples is not None and len(data.samples) >= max_samples:
+                stopped_at = raw["__url__"]
                 break
-            checked = _check(raw)
+            read[raw["__url__"]] += 1
+            data.read += 1
+            checked = _check(raw, caption_required, class_required)
             if isinstance(checked, str):
-                skipped[checked] += 1
+                data._skip(checked, raw["__key__"], raw["__url__"])
                 continue
             caption, label, ext = checked
-            index = len(samples)
-            samples.append(LabelledSample(index=index, key=raw["__key__"], caption=caption, label=label,
-                                          image={ext: raw[ext]} if index % world_size == rank else None))
+            index = len(data.samples)
+            data.samples.append(LabelledSample(index=index, key=raw["__key__"], caption=caption, label=label,
+                                               image={ext: raw[ext]} if index % world_size == rank else None,
+                                               url=raw["__url__"]))
     finally:
         raw_samples.close()  # closes the shard being read when max_samples stops early
-    skipped.update(tally.rejected)
-    if not samples:
-        raise BatonError(f"{key}={shards!r}: no usable labelled sample (skipped: {dict(skipped) or 'none'}); "
-                         f"point it at held-out shards written by `baton shards` (e.g. data/emoji/test)")
-    return LabelledSet(samples=samples, skipped=skipped)
+    _count_short_shards(data, urls, counts, read, stopped_at)
+    if not data.samples:
+        raise BatonError(f"{key}={shards!r}: no usable labelled sample (skipped: {dict(data.skipped) or 'none'}); "
+                         f"point it at labelled shards written by `baton shards` (e.g. data/emoji/test)")
+    return data

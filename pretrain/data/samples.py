@@ -30,6 +30,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from baton.errors import BatonError
+from baton.images import rgb_on_white
 from baton.remote import open_url
 from pretrain.data.tar_reader import tar_members
 
@@ -137,7 +138,8 @@ SampleMap = Callable[[dict, int], tuple]
 
 
 def decode_image(sample: dict[str, Any]) -> Image.Image:
-    """The RGB image of a raw sample, or `Rejected` (missing_image, bad_image, or a mark it carries)."""
+    """The RGB image of a raw sample (transparency on white: `baton.images`), or `Rejected`
+    (missing_image, bad_image, or a mark it carries)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise Rejected("missing_image", f"files: {sorted(k for k in sample if not k.startswith('__'))}")
@@ -146,7 +148,7 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(sample[key]))
         image.load()
-        return image.convert("RGB")
+        return rgb_on_white(image)
     except Exception as e:  # PIL raises many types for broken files
         raise Rejected("bad_image", f"{type(e).__name__}: {e}") from None
 
