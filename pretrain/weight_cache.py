@@ -23,8 +23,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def fill_hint(places: list[str]) -> str:
-    """'fill one of: A; B' for an error message, with how to fill a hub cache from a machine online."""
+def fill_hint(place: str, repo: str | None = None) -> str:
+    """'fill PLACE' for an error message, with how to fill a hub cache from a machine online."""
+    how = (f" (`hf download {repo}` on a machine online, then copy that directory here)" if repo
+           else " (download it on a machine online, then copy it here)")
     return ("no copy in the local cache" + (" (HF_HUB_OFFLINE=1)" if offline() else "")
-            + "; fill one of: " + "; ".join(places)
-            + " (e.g. `hf download REPO` on a machine online, then copy the cache directory over)")
+            + f"; fill {place}{how}")

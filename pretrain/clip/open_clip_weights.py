@@ -119,18 +119,17 @@ def _released_weights(name: str, tag: str) -> tuple[str, dict]:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise BatonError(f"open_clip:{name}@{tag}: no such pretrained tag for {name} (known: "
                          f"{', '.join(tags) or 'none'}) and no file {tag}")
-    places = []
-    if tag_cfg.get("hf_hub"):
+    if tag_cfg.get("hf_hub"):  # open_clip prefers the hub copy when there is one
         repo = os.path.split(tag_cfg["hf_hub"])[0]  # open_clip's form: "org/repo/FILE" or "org/repo/"
-        places.append(f"{hf_repo_cache(repo)} (hub repository {repo})")
-    if tag_cfg.get("url"):
-        places.append(f"{Path(os.path.expanduser('~/.cache/clip')) / Path(tag_cfg['url']).name} "
-                      f"(from {tag_cfg['url']})")
+        place: tuple[str, str | None] = (str(hf_repo_cache(repo)), repo)
+    else:
+        place = (f"{Path(os.path.expanduser('~/.cache/clip')) / Path(tag_cfg.get('url', '')).name} "
+                 f"(from {tag_cfg.get('url')})", None)
     try:
         return download_pretrained(tag_cfg), tag_cfg
     except Exception as e:
         raise BatonError(f"open_clip:{name}@{tag}: cannot get the released weights ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); {fill_hint(places)}") from None
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); {fill_hint(*place)}") from None
 
 
 def resolve_open_clip(spec: str) -> dict[str, Any]:
