@@ -163,12 +163,23 @@ def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, d
     return load(name, pretrained=pretrained)
 
 
+def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
+    """`backbone: open_clip:SPEC`: the image tower of open_clip weights (pretrain.clip.open_clip_weights)."""
+    _backbones()  # a clear error when pretrain (which holds the loaders) is not installed
+    from pretrain.clip.open_clip_weights import load_open_clip_backbone as load
+
+    return load(spec)
+
+
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
-    """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm); or
-    `random:DIR`: the architecture of the handoff DIR, randomly initialised from torch's global
-    generator (what training from scratch starts from, beside the same backbone pretrained)."""
+    """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm);
+    `open_clip:SPEC` (released open_clip weights NAME@TAG, an open_clip_train checkpoint, a
+    local-dir: export); or `random:DIR`: the architecture of the handoff DIR, randomly initialised
+    from torch's global generator (what training from scratch starts from, beside it pretrained)."""
     if str(path).startswith("timm:"):
         return load_timm_backbone(str(path)[len("timm:"):])
+    if str(path).startswith("open_clip:"):
+        return load_open_clip_backbone(str(path)[len("open_clip:"):])
     if str(path).startswith("random:"):
         from baton.handoff import read_handoff
 

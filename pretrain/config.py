@@ -52,7 +52,7 @@ class ModelConfig:
     # of a named model. Typed Any, not Dict[str, Any]: baton.config's struct mode rejects the keys
     # of an empty Dict field, while an Any field takes the whole dict from the YAML file.
     config: Any = None
-    pretrained: Optional[str] = None          # open_clip pretrained tag or file (named models only)
+    pretrained: Optional[str] = None          # open_clip pretrained tag (named models) or checkpoint file
 
 
 @dataclass
