@@ -33,7 +33,8 @@ def open_clip_train_run(root: Path, model_name: str = "baton-test-custom") -> tu
     config.write_text(json.dumps(CUSTOM))
     run = root / "logs" / "2025_01_01-run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "params.txt").write_text(f"batch_size: 8\nepochs: 2\nlr: 0.0005\nmodel: {model_name}\nname: 2025_01_01-run\n")
+    (run / "params.txt").write_text(f"batch_size: 8\nepochs: 2\nlr: 0.0005\nmodel: {model_name}\n"
+                                    f"name: 2025_01_01-run\n")
     optimizer = torch.optim.AdamW(model.parameters())
     ckpt = run / "checkpoints" / "epoch_2.pt"
     torch.save({"epoch": 2, "name": "2025_01_01-run",

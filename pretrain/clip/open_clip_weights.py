@@ -166,6 +166,8 @@ def resolve_open_clip(spec: str) -> dict[str, Any]:
     elif name in open_clip.list_models() and not any(c in weights for c in "/\\"):
         weights, tag_cfg = _released_weights(name, weights)
         pp = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        if tag_cfg.get("quick_gelu"):  # weights trained with QuickGELU (OpenAI's) run with it
+            cfg = {**cfg, "quick_gelu": True}
         source = {"open_clip": name, "pretrained": spec.rpartition("@")[2]}
     else:
         raise BatonError(f"open_clip:{spec}: checkpoint file {weights} does not exist")

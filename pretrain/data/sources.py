@@ -7,8 +7,8 @@
 
 A source is a directory of *.tar (local or any fsspec URL; a URL ending in "/" is read through the
 stats.json beside its shards), one .tar, or a brace pattern. The sample count comes from baton's
-stats.json, else from img2dataset's per-shard `NNNNN_stats.json` (its output is read unchanged). A source's `weight` multiplies its share:
-in resampled mode each of its shards is drawn `weight` times as often; in epoch-exact mode each of
+stats.json, else from img2dataset's per-shard `NNNNN_stats.json` (its output is read unchanged).
+A source's `weight` multiplies its share: in resampled mode each of its shards is drawn `weight` times as often; in epoch-exact mode each of
 its shards is read `floor(weight)` times per epoch plus a seeded subset for the fraction.
 Everything is resolved and checked before training, so a wrong path fails at once naming it.
 """
