@@ -55,6 +55,24 @@ def write_handoff(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta
     return out
 
 
+def foreign_checkpoint_hint(path: str | Path) -> str | None:
+    """How to use `path` when it is an open_clip / open_clip_train checkpoint or an open_clip local
+    directory (which `baton export`, a converter of baton pretrain runs, does not read); else None."""
+    p = Path(path)
+    if (p / "open_clip_config.json").is_file():
+        return f"an open_clip local directory: use backbone=open_clip:local-dir:{p}"
+    if p.is_dir():  # open_clip_train's logs/NAME/ or its checkpoints/: the newest epoch_N.pt
+        numbered = [f for f in [*p.glob("epoch_*.pt"), *p.glob("checkpoints/epoch_*.pt")] if f.stem[6:].isdigit()]
+        files = sorted(numbered, key=lambda f: int(f.stem[6:]))
+    else:
+        files = [p] if p.is_file() and p.suffix in (".pt", ".pth", ".bin", ".safetensors") else []
+    if not files or files[-1].name == "state.pt":  # state.pt: a baton checkpoint's own file
+        return None
+    return (f"{files[-1]} looks like an open_clip / open_clip_train checkpoint: use it as it is with "
+            f"backbone=open_clip:MODEL@{files[-1]} (MODEL: its open_clip model name or config .json; "
+            f"open_clip:{files[-1]} reads the model from open_clip_train's params.txt)")
+
+
 def read_handoff(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (state_dict, meta) from a handoff directory; check presence and sha256."""
     d = Path(path)
@@ -62,8 +80,9 @@ def read_handoff(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
         d = d.parent
     meta_p, w_p = d / META, d / WEIGHTS
     if not meta_p.is_file() or not w_p.is_file():
+        foreign = foreign_checkpoint_hint(d)
         raise BatonError(f"no backbone handoff at {d}: expected {META} and {WEIGHTS} "
-                         f"(create one with `baton export CHECKPOINT {d}`)")
+                         f"({foreign or f'create one from a baton pretrain run with `baton export RUN {d}`'})")
     meta = json.loads(meta_p.read_text())
     if meta.get("format") != FORMAT:
         raise BatonError(f"{meta_p}: unknown handoff format {meta.get('format')!r}, expected {FORMAT!r}")

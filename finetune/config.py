@@ -111,8 +111,10 @@ class FinetuneConfig:
     run_dir: str = "runs/finetune"
     seed: int = 0
     resume: str = ""                # "" = fresh (refuses a run_dir with checkpoints), latest, or a checkpoint path
-    # handoff directory (baton export) | timm:NAME (pretrained timm weights) | random:DIR (DIR's
-    # architecture, random init: training from scratch)
+    # handoff directory (baton export) | timm:NAME (pretrained timm weights) | open_clip:NAME@TAG
+    # (released open_clip weights) | open_clip:NAME@FILE or open_clip:CONFIG.json@FILE (an
+    # open_clip_train epoch_N.pt) | open_clip:local-dir:DIR | random:DIR (DIR's architecture,
+    # random init: training from scratch)
     backbone: str = "runs/demo/pretrain/export"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

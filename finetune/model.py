@@ -161,33 +161,30 @@ def build_backbone(meta: dict) -> nn.Module:
 
 
 def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
-    """`backbone: timm:NAME`: a timm ImageNet model without its classifier (the published DML
-    recipes' ResNet-50), weights through timm (its cache or the hub), with the same metadata a
-    handoff has, so saved models rebuild through pretrain.backbones' timm builder."""
-    import timm
-    from timm.data import resolve_data_config
+    """`backbone: timm:NAME`: released timm weights, classifier removed (pretrain.timm_weights)."""
+    _backbones()  # a clear error when pretrain (which holds the loaders) is not installed
+    from pretrain.timm_weights import load_timm_backbone as load
 
-    _backbones().register_timm_models()  # timm:NAME may be one of baton's small-image models
-    try:
-        module = timm.create_model(name, pretrained=pretrained, num_classes=0)
-    except Exception as e:
-        raise BatonError(f"backbone timm:{name}: cannot build it with pretrained weights ({e}); put the "
-                         f"weights in timm's cache (or HF cache), or use a `baton export` handoff") from None
-    dc = resolve_data_config({}, model=module)
-    meta = {"library": "timm", "architecture": name, "tower": "model",
-            "model_config": {"model_name": name, "num_classes": 0}, "embedding_dim": int(module.num_features),
-            "preprocess": {"image_size": int(dc["input_size"][-1]), "mean": [float(m) for m in dc["mean"]],
-                           "std": [float(s) for s in dc["std"]], "interpolation": dc.get("interpolation", "bicubic")},
-            "source": {"timm": name, "pretrained": pretrained}}
-    return module, meta
+    return load(name, pretrained=pretrained)
+
+
+def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
+    """`backbone: open_clip:SPEC`: the image tower of open_clip weights (pretrain.clip.open_clip_weights)."""
+    _backbones()  # a clear error when pretrain (which holds the loaders) is not installed
+    from pretrain.clip.open_clip_weights import load_open_clip_backbone as load
+
+    return load(spec)
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
-    """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm); or
-    `random:DIR`: the architecture of the handoff DIR, randomly initialised from torch's global
-    generator (what training from scratch starts from, beside the same backbone pretrained)."""
+    """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm);
+    `open_clip:SPEC` (released open_clip weights NAME@TAG, an open_clip_train checkpoint, a
+    local-dir: export); or `random:DIR`: the architecture of the handoff DIR, randomly initialised
+    from torch's global generator (what training from scratch starts from, beside it pretrained)."""
     if str(path).startswith("timm:"):
         return load_timm_backbone(str(path)[len("timm:"):])
+    if str(path).startswith("open_clip:"):
+        return load_open_clip_backbone(str(path)[len("open_clip:"):])
     if str(path).startswith("random:"):
         from baton.handoff import read_handoff
 

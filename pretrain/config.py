@@ -51,7 +51,7 @@ class ModelConfig:
     # An open_clip model config dict (embed_dim, vision_cfg, text_cfg); when set it is built instead
     # of a named model. Typed Any (None by default: a named model) so the YAML gives the whole dict.
     config: Any = None
-    pretrained: Optional[str] = None          # open_clip pretrained tag or file (named models only)
+    pretrained: Optional[str] = None          # open_clip pretrained tag (named models) or checkpoint file
     # LiT: freeze the text tower (open_clip_train's --lock-text, --lock-text-unlocked-layers,
     # --lock-text-freeze-layer-norm); a wholly locked HF tower's features are cached per caption
     # (lock_text_cache distinct captions; 0: recomputed every step). pretrain/clip/locked_text.py

@@ -3,7 +3,9 @@
 Works for a checkpoint of any strategy (DDP `state.pt`, FSDP2 DCP shards, DeepSpeed ZeRO files):
 the strategy that wrote it rebuilds the full model state dict in this one process
 (`pretrain.strategies.full_model_state`), and the run's method writes the handoff from it
-(`PretrainMethod.export`; CLIP: the image tower plus `text_tower.safetensors`).
+(`PretrainMethod.export`; CLIP: the image tower plus `text_tower.safetensors`, and the whole CLIP in
+open_clip's `local-dir:` layout; DINO: the teacher's timm backbone with timm's `config.json`).
+An open_clip / open_clip_train checkpoint needs no export: finetuning reads it as `backbone=open_clip:...`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from baton.checkpoint import load_checkpoint
 from baton.config import from_yaml
 from baton.distributed import DistInfo
 from baton.errors import BatonError
+from baton.handoff import foreign_checkpoint_hint
 from pretrain.config import PretrainConfig
 from pretrain.method import build_method
 from pretrain.strategies import full_model_state
 
 USAGE = ("usage: baton export CHECKPOINT OUT\n"
          "  CHECKPOINT: a pretrain run directory, its checkpoints/ directory or a step directory\n"
-         "  OUT: directory to write backbone.safetensors and backbone.json into")
+         "  OUT: directory to write backbone.safetensors and backbone.json into (CLIP runs: also\n"
+         "       open_clip_config.json + open_clip_model.safetensors, for open_clip's local-dir:OUT)")
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Export and return OUT. Raises BatonError when the checkpoint is missing or not a pretrain run."""
+    foreign = foreign_checkpoint_hint(checkpoint)
+    if foreign:
+        raise BatonError(f"baton export converts `baton pretrain` runs, and {checkpoint} is not one; {foreign}")
     state, meta = load_checkpoint(checkpoint)
     if "config" not in state or "step" not in state:
         raise BatonError(f"{meta['path']} is not a `baton pretrain` checkpoint (no config/step in its state)")

@@ -107,7 +107,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     num_samples = cfg.data.num_samples or shards.num_samples
     if not num_samples:
         raise BatonError(f"cannot tell how many samples {cfg.data.train_shards} holds (no stats.json "
-                         f"beside the shards): set data.num_samples")
+                         f"beside the shards, nor img2dataset's NNNNN_stats.json for every shard): "
+                         f"set data.num_samples")
     spe = steps_per_epoch(num_samples, cfg.data.batch_size, info.world_size) // accum  # optimiser steps
     if spe < 1:
         raise BatonError(f"an epoch of {num_samples} samples holds fewer than train.grad_accum={accum} batches of "

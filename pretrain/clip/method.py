@@ -9,6 +9,8 @@ rule), and the learned temperature is clamped to [0, ln 100] after every step, a
 The handoff is the image tower (`backbone.safetensors`, open_clip's `visual.*` names without the
 prefix) plus the text tower (`text_tower.safetensors`: every other weight, logit_scale included),
 so finetuning can embed class names with the very text encoder the image tower was aligned to.
+Beside them, open_clip's own `local-dir:` layout of the whole CLIP (`pretrain.clip.open_clip_weights`),
+so open_clip users load the export with `open_clip.create_model_and_transforms('local-dir:OUT')`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from baton.errors import BatonError
 from baton.handoff import sha256_file, write_handoff
 from baton.io import atomic_path
+from pretrain.clip.open_clip_weights import write_open_clip_dir
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
 from pretrain.data import SampleToPair
@@ -120,6 +123,7 @@ class ClipMethod(PretrainMethod):
             "preprocess": preprocess,
             "source": {**self.source, "method": self.name},
             "text": write_text_tower(Path(out), model, model_config),
+            "open_clip": write_open_clip_dir(out, model, model_config, preprocess),
         }
         return write_handoff(out, model.visual.state_dict(), meta)
 

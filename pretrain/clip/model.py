@@ -1,8 +1,9 @@
 """Build an open_clip CLIP model, its tokenizer and its image transforms from `ModelConfig`.
 
 A model is either an open_clip name (`ViT-B-16`, built by `open_clip.create_model`, optionally
-with pretrained weights) or a literal open_clip config dict (`embed_dim`, `vision_cfg`,
-`text_cfg`), built with `open_clip.CLIP(**config)`. Both paths end in the same full config dict,
+with pretrained weights: a tag or a checkpoint file) or a literal open_clip config dict (`embed_dim`,
+`vision_cfg`, `text_cfg`), built with `open_clip.CLIP(**config)`, optionally with a checkpoint file
+of that config (an open_clip_train `epoch_N.pt` of a custom model). Both paths end in the same full config dict,
 which export writes into the handoff so the image tower can be rebuilt without this run.
 """
 
@@ -12,6 +13,7 @@ import copy
 import math
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -57,8 +59,9 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
             return lock_text(open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True), mcfg)
         except RuntimeError as e:
             raise BatonError(f"model.name={mcfg.name} model.pretrained={mcfg.pretrained}: {e}") from None
-    if mcfg.pretrained:
-        raise BatonError("model.pretrained needs a named model: unset model.config, or unset model.pretrained")
+    if mcfg.pretrained and not Path(mcfg.pretrained).is_file():
+        raise BatonError(f"model.pretrained={mcfg.pretrained}: with model.config it must be a checkpoint file "
+                         f"of that config (an open_clip_train epoch_N.pt); a released tag needs a named model")
     cfg = resolve_packaged_text(model_config_dict(mcfg))
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
@@ -68,6 +71,12 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
         raise BatonError(f"model.config is not a valid open_clip config: {e}") from None
     size = model.visual.image_size
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=size if isinstance(size, int) else size[0])))
+    if mcfg.pretrained:  # an open_clip_train checkpoint of this custom config, through open_clip's loader
+        try:
+            open_clip.load_checkpoint(model, mcfg.pretrained, strict=True)
+        except (RuntimeError, KeyError) as e:
+            raise BatonError(f"model.pretrained={mcfg.pretrained} does not load into model.config "
+                             f"({type(e).__name__}: {str(e)[:400]})") from None
     return lock_text(model, mcfg)
 
 

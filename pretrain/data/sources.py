@@ -6,8 +6,9 @@
     train_shards: [{url: s3://bucket/laion/, weight: 1.0}, {url: /data/cc12m/, weight: 2.0}]
 
 A source is a directory of *.tar (local or any fsspec URL; a URL ending in "/" is read through the
-stats.json beside its shards), one .tar, or a brace pattern. A source's `weight` multiplies its share:
-in resampled mode each of its shards is drawn `weight` times as often; in epoch-exact mode each of
+stats.json beside its shards), one .tar, or a brace pattern. The sample count comes from baton's
+stats.json, else from img2dataset's per-shard `NNNNN_stats.json` (its output is read unchanged).
+A source's `weight` multiplies its share: in resampled mode each of its shards is drawn `weight` times as often; in epoch-exact mode each of
 its shards is read `floor(weight)` times per epoch plus a seeded subset for the fraction.
 Everything is resolved and checked before training, so a wrong path fails at once naming it.
 """
@@ -33,7 +34,7 @@ MODES = ("resampled", "epoch_exact")
 @dataclass
 class ShardList:
     urls: list[str]          # one fsspec URL or local path per shard
-    num_samples: int | None  # from stats.json, None if unknown
+    num_samples: int | None  # from stats.json (or img2dataset's NNNNN_stats.json), None if unknown
     weight: float = 1.0      # upsampling factor of this source
     spec: str = ""           # the source as the user wrote it
     counts: dict[str, int] = field(default_factory=dict)  # samples per shard URL, where stats.json says
@@ -130,9 +131,29 @@ def resolve_shards(spec: str, weight: float = 1.0) -> ShardList:
     if stats is None:
         parent = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
         stats = _read_stats(f"{parent}/stats.json")
+    if stats is None:  # not written by `baton shards`: perhaps by img2dataset
+        counts = img2dataset_counts(urls)
+        num_samples = sum(counts.values()) if len(counts) == len(urls) else None
+        return ShardList(urls=urls, num_samples=num_samples, weight=weight, spec=spec, counts=counts)
     per_shard = {s["name"]: s["count"] for s in (stats or {}).get("shards", [])}
     counts = {u: per_shard[u.rsplit("/", 1)[-1]] for u in urls if u.rsplit("/", 1)[-1] in per_shard}
     return ShardList(urls=urls, num_samples=_count(stats, urls, counts), weight=weight, spec=spec, counts=counts)
+
+
+def img2dataset_counts(urls: list[str]) -> dict[str, int]:
+    """{shard URL: samples} from img2dataset's per-shard `NNNNN_stats.json` (`successes`: the
+    samples it wrote into `NNNNN.tar`), so its output trains with no `data.num_samples`. Empty when
+    the first shard has none (not img2dataset's output: no request per shard is wasted)."""
+    counts: dict[str, int] = {}
+    for i, url in enumerate(urls):
+        stats_url = f"{url[:-len('.tar')]}_stats.json" if url.endswith(".tar") else None
+        stats = _read_stats(stats_url) if stats_url else None
+        if stats is None or not isinstance(stats.get("successes"), int):
+            if i == 0:
+                return {}
+            continue
+        counts[url] = int(stats["successes"])
+    return counts
 
 
 def _count(stats: dict | None, urls: list[str], counts: dict[str, int]) -> int | None:

@@ -33,6 +33,7 @@ from pretrain.dino.loss import dino_loss, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
 from pretrain.method import PretrainMethod
+from pretrain.timm_weights import write_timm_config
 
 TEACHER_BACKBONE = "teacher.backbone."
 
@@ -89,7 +90,8 @@ class DinoMethod(PretrainMethod):
             num = self.cfg.data.num_samples or resolve_sources(self.cfg.data.train_shards).num_samples
             if not num:
                 raise BatonError(f"cannot tell how many samples {self.cfg.data.train_shards} holds (no "
-                                 f"stats.json beside the shards): set data.num_samples")
+                                 f"stats.json beside the shards, nor img2dataset's NNNNN_stats.json "
+                                 f"for every shard): set data.num_samples")
             batches = steps_per_epoch(num, self.cfg.data.batch_size, self.info.world_size)
             self._steps_per_epoch = max(1, batches // self.grad_accum())
         return self._steps_per_epoch
@@ -179,7 +181,8 @@ class DinoMethod(PretrainMethod):
                 "std": [float(s) for s in self.dino.std], "interpolation": "bicubic"}
 
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
-        """The TEACHER's backbone (the paper evaluates the teacher) as a timm handoff."""
+        """The TEACHER's backbone (the paper evaluates the teacher) as a timm handoff, which timm
+        itself also loads (pretrain.timm_weights: timm's key names, its config.json beside them)."""
         weights = {k.split(TEACHER_BACKBONE, 1)[1]: v for k, v in state.items() if TEACHER_BACKBONE in k}
         if not weights:
             raise BatonError(f"the checkpoint holds no '{TEACHER_BACKBONE}*' weights: it is not a DINO run "
@@ -193,7 +196,9 @@ class DinoMethod(PretrainMethod):
         meta = {"library": "timm", "architecture": self.dino.backbone, "model_config": timm_kwargs(self.dino),
                 "tower": "model", "embedding_dim": int(backbone.num_features), "preprocess": self.preprocess(),
                 "source": {**self.source, "method": self.name, "weights": "teacher"}}
-        return write_handoff(out, backbone.state_dict(), meta)
+        write_handoff(out, backbone.state_dict(), meta)
+        write_timm_config(out, meta["model_config"], meta["preprocess"])  # timm's `local-dir:OUT` reads it
+        return Path(out)
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Every train.eval_every steps: the weighted k-NN (k=dino.knn_k, T=dino.knn_temperature) of the

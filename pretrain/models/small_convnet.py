@@ -19,7 +19,8 @@ model is built by name everywhere: `timm.create_model("small_convnet", num_class
 Registered names:
     small_convnet     widths 32/s2, 64/s2, 64, 128/s2, 128, 256/s2: 0.6 M parameters, 4096 features
     small_convnet_w   the same, 1.5x wider (48 ... 384): 1.3 M parameters, 6144 features
-No released weights exist: `pretrained=True` is refused (pretrain one and load its baton handoff).
+No released weights exist: `pretrained=True` loads only a file timm is pointed at (a baton export's
+backbone.safetensors through `pretrained_cfg_overlay=dict(file=...)` or `local-dir:OUT`).
 """
 
 from __future__ import annotations
@@ -108,13 +109,31 @@ class SmallConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _weights_cfg(pretrained_cfg: Any, overlay: Optional[dict]) -> dict:
+    """The pretrained cfg timm's loader reads: DEFAULT_CFG under what `timm.create_model` passed
+    (a dict from `local-dir:`, or `pretrained_cfg_overlay=dict(file=...)`)."""
+    if hasattr(pretrained_cfg, "to_dict"):  # timm's PretrainedCfg
+        pretrained_cfg = pretrained_cfg.to_dict()
+    return {**DEFAULT_CFG, **(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}), **(overlay or {})}
+
+
 def _create(width: float, pretrained: bool, **kwargs: Any) -> SmallConvNet:
-    if pretrained:
+    """Build the net; with `pretrained`, load the weights file timm was pointed at (a baton
+    export's backbone.safetensors), as for any timm model: no released weights exist to download."""
+    weights = _weights_cfg(kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+    if pretrained and not (weights.get("file") or weights.get("state_dict")):
         raise RuntimeError("small_convnet has no released weights: pretrain one with baton and load its "
-                           "handoff (baton export RUN OUT, then backbone=OUT)")
-    for factory_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
+                           "export (timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay="
+                           "dict(file='OUT/backbone.safetensors')), or backbone=OUT in finetuning)")
+    for factory_only in ("cache_dir", "features_only"):
         kwargs.pop(factory_only, None)  # timm.create_model's own arguments
-    return SmallConvNet([(int(round(c * width)), s) for c, s in LAYERS], **kwargs)
+    model = SmallConvNet([(int(round(c * width)), s) for c, s in LAYERS], **kwargs)
+    if pretrained:
+        from timm.models import load_pretrained
+
+        load_pretrained(model, pretrained_cfg=weights, num_classes=model.num_classes,
+                        in_chans=kwargs.get("in_chans", 3))
+    return model
 
 
 @register_model

@@ -1,0 +1,92 @@
+"""timm's own files, both ways: released timm weights as a baton backbone, and a baton timm
+export that timm itself loads.
+
+Import (`backbone=timm:NAME`, `NAME` or `NAME.TAG` as timm names them): the model through
+`timm.create_model(NAME, pretrained=True, num_classes=0)`, with the metadata a handoff has, so a
+finetuned model saved from it rebuilds through `pretrain.backbones`. Without the hub the error
+names the cache directory timm reads (the hub repository's, or torch hub's for URL weights).
+
+Export: a timm handoff's `backbone.safetensors` already holds timm's own state-dict names (the
+module is `timm.create_model(**model_config)`); `config.json` beside it is timm's hub config, so
+either of these gives the exported network, with no baton code beyond registering baton's models:
+
+    timm.create_model(NAME, pretrained=True, num_classes=0, **model_args,
+                      pretrained_cfg_overlay=dict(file="OUT/backbone.safetensors"))
+    timm.create_model("local-dir:OUT", pretrained=True)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from baton.errors import BatonError
+from baton.io import write_json_atomic
+from pretrain.weight_cache import fill_hint, hf_repo_cache
+
+TIMM_CONFIG = "config.json"  # the name timm's `local-dir:` and `hf-hub:` loaders read
+
+
+def timm_cache_place(name: str) -> tuple[str, str | None] | None:
+    """(where timm reads NAME's released weights from, the hub repository or None), as timm's
+    loader picks it: the hub repository when it has one, else the URL's torch hub file."""
+    import timm
+    import torch
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        return str(hf_repo_cache(repo)), repo
+    if cfg.url:
+        return f"{Path(torch.hub.get_dir()) / 'checkpoints' / Path(cfg.url).name} (from {cfg.url})", None
+    return None
+
+
+def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
+    """`backbone: timm:NAME`: a timm ImageNet model without its classifier (the published DML
+    recipes' ResNet-50), weights through timm (its cache or the hub), with the same metadata a
+    handoff has, so saved models rebuild through pretrain.backbones' timm builder."""
+    import timm
+    from timm.data import resolve_data_config
+
+    from pretrain.models import register_timm_models
+
+    register_timm_models()  # timm:NAME may be one of baton's small-image models
+    if not timm.is_model(name.split(".")[0]):
+        raise BatonError(f"backbone timm:{name}: timm has no model {name.split('.')[0]!r} "
+                         f"(`timm.list_models(pretrained=True)` lists those with released weights)")
+    try:
+        module = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as e:
+        place = timm_cache_place(name) if pretrained else None
+        where = fill_hint(*place) if place else "put the weights in timm's cache or use a `baton export` handoff"
+        raise BatonError(f"backbone timm:{name}: cannot build it with pretrained weights "
+                         f"({type(e).__name__}: {str(e)[:300]}); {where}") from None
+    dc = resolve_data_config({}, model=module)
+    meta = {"library": "timm", "architecture": name, "tower": "model",
+            "model_config": {"model_name": name, "num_classes": 0}, "embedding_dim": int(module.num_features),
+            "preprocess": {"image_size": int(dc["input_size"][-1]), "mean": [float(m) for m in dc["mean"]],
+                           "std": [float(s) for s in dc["std"]], "interpolation": dc.get("interpolation", "bicubic")},
+            "source": {"timm": name, "pretrained": pretrained}}
+    return module, meta
+
+
+def write_timm_config(out: str | Path, model_config: dict[str, Any], preprocess: dict[str, Any]) -> Path:
+    """Write timm's hub config (`config.json`: architecture, model_args, pretrained_cfg) for a timm
+    handoff in OUT, so `timm.create_model('local-dir:OUT', pretrained=True)` rebuilds it."""
+    args = copy.deepcopy(dict(model_config))
+    name = args.pop("model_name")
+    num_classes = int(args.pop("num_classes", 0))
+    size = int(preprocess["image_size"])
+    config = {"architecture": name, "num_classes": num_classes, "model_args": args,
+              "pretrained_cfg": {"input_size": [3, size, size], "mean": list(preprocess["mean"]),
+                                 "std": list(preprocess["std"]), "interpolation": preprocess["interpolation"],
+                                 "crop_pct": 1.0, "crop_mode": "center", "num_classes": num_classes}}
+    path = Path(out) / TIMM_CONFIG
+    write_json_atomic(path, config)
+    return path

@@ -1,0 +1,71 @@
+"""timm both ways: a DINO export is a timm checkpoint timm loads itself (a weights file override or
+`local-dir:`), baton's own timm models included; released timm weights offline name the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baton.errors import BatonError
+from test_dino import TINY_VIT, tiny_method
+
+
+@pytest.mark.parametrize("backbone,kwargs", [("vit_tiny_patch16_224", TINY_VIT), ("small_convnet", {})])
+def test_dino_export_loads_in_timm_as_it_is(tmp_path, backbone, kwargs):
+    import timm
+
+    import pretrain.models  # noqa: F401  (registers small_convnet, as a user outside baton would)
+    from pretrain.backbones import load_backbone
+
+    method = tiny_method(backbone=backbone, backbone_kwargs=dict(kwargs))
+    model = method.build_model()
+    with torch.no_grad():  # a teacher unlike any fresh init
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = method.export({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "export")
+    ours, meta = load_backbone(out)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.teacher.backbone.eval()(x)
+        assert torch.equal(ours(x), want)
+        by_file = timm.create_model(backbone, pretrained=True, num_classes=0, **kwargs,
+                                    pretrained_cfg_overlay=dict(file=str(out / "backbone.safetensors"))).eval()
+        assert torch.equal(by_file(x), want)
+        by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        assert torch.equal(by_dir(x), want)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == backbone and config["model_args"] == kwargs
+    assert config["pretrained_cfg"]["mean"] == meta["preprocess"]["mean"]
+    # a new classifier on the exported features: timm drops only the (absent) classifier weights
+    classifier = timm.create_model(backbone, pretrained=True, num_classes=5, **kwargs,
+                                   pretrained_cfg_overlay=dict(file=str(out / "backbone.safetensors"))).eval()
+    with torch.no_grad():
+        assert torch.equal(classifier.forward_features(x), by_file.forward_features(x))
+        assert classifier(x).shape == (2, 5)
+
+
+def test_small_convnet_still_has_no_released_weights():
+    import timm
+
+    import pretrain.models  # noqa: F401
+    with pytest.raises(RuntimeError, match="no released weights"):
+        timm.create_model("small_convnet", pretrained=True)
+
+
+def test_released_timm_weights_offline_name_the_cache_to_fill(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from finetune.model import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # certainly empty
+    with pytest.raises(BatonError) as e:
+        load_backbone("timm:resnet10t")
+    msg = str(e.value)
+    assert "timm:resnet10t" in msg and "HF_HUB_OFFLINE" in msg
+    assert str(tmp_path / "hub" / "models--timm--resnet10t.c3_in1k") in msg and "hf download timm/resnet10t" in msg
+    with pytest.raises(BatonError, match="timm has no model 'no_such_net'"):
+        load_backbone("timm:no_such_net")
