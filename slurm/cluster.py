@@ -17,8 +17,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from baton.config import explain_config_error, read_yaml
 from baton.errors import BatonError
+from baton.registry import Registry
 
-EXECUTORS = ("slurm", "local")
+# cluster.executor -> the submitit executor that `submitit.AutoExecutor(cluster=NAME)` launches with
+EXECUTORS = Registry("cluster.executor", {
+    "slurm": "submitit.slurm.slurm:SlurmExecutor",
+    "local": "submitit.local.local:LocalExecutor",   # submitit's local executor, for debugging
+})
 
 
 @dataclass
@@ -95,8 +100,7 @@ def load_cluster(section: Any = None, cluster_file: str | Path | None = None,
         except OmegaConfBaseException as e:
             raise explain_config_error(ClusterConfig, e, f"override '{item}'") from None
     cfg: ClusterConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if cfg.executor not in EXECUTORS:
-        raise BatonError(f"cluster.executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
+    EXECUTORS.spec(cfg.executor)   # an unknown executor: the error lists them
     for name in ("nodes", "tasks_per_node", "cpus_per_task", "max_restarts"):
         if getattr(cfg, name) < (0 if name == "max_restarts" else 1):
             raise BatonError(f"cluster.{name}={getattr(cfg, name)} must be positive")

@@ -11,7 +11,6 @@ the next attempt (SLURM_RESTART_COUNT + 1) runs the same stage in the same run d
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -20,11 +19,8 @@ from dataclasses import dataclass
 from baton.errors import BatonError
 from baton.logs import get_logger, setup_logging
 from baton.preemption import EXIT_STOPPED, install_stop_signals
+from baton.stages import COMMANDS, takes_config
 from slurm.environment import export_torch_env
-
-# Stages with checkpoints that `resume=latest` continues (the others are rerun, e.g. shards resume
-# by themselves: a rerun writes only the missing shards).
-RESUMABLE = ("pretrain", "finetune")
 
 
 class StageFailed(RuntimeError):
@@ -33,11 +29,8 @@ class StageFailed(RuntimeError):
 
 def run_stage(stage: str, argv: list[str]) -> int:
     """Run `baton STAGE ARGV` in this process through the CLI's table; a BatonError becomes StageFailed."""
-    from baton.cli import COMMANDS
-
-    module_name, func_name = COMMANDS[stage][0].split(":")
     try:
-        return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+        return int(COMMANDS[stage](argv) or 0)
     except BatonError as e:
         raise StageFailed(f"baton {stage}: {e}") from None
 
@@ -66,7 +59,7 @@ class StageJob:
         install_stop_signals((signal.SIGUSR2,))
         rank = int(env["RANK"])
         argv = list(self.argv)
-        if restarts and self.stage in RESUMABLE:
+        if restarts and takes_config(self.stage):
             argv.append("resume=latest")
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "?")
         if self.run_dir and rank == 0:

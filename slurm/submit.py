@@ -26,14 +26,11 @@ from omegaconf import OmegaConf
 from baton.config import load_config, read_recipe
 from baton.errors import BatonError
 from baton.io import write_text_atomic
+from baton.stages import JOB_STAGES, takes_config
 from slurm.cluster import ClusterConfig, executor_parameters, load_cluster
 from slurm.control import error_text, report, wait, write_record
 from slurm.job import StageJob
 
-# Stages that take CONFIG [key=value ...], and the schema that validates them before queueing.
-CONFIG_STAGES = {"pretrain": ("pretrain.config", "PretrainConfig"),
-                 "finetune": ("finetune.config", "FinetuneConfig")}
-STAGES = (*CONFIG_STAGES, "shards")
 USAGE = __doc__.split("\n\n")[0]
 
 
@@ -67,10 +64,7 @@ def _stage_config(stage: str, rest: list[str]) -> tuple[str, Any, list[str], Any
     raw = read_recipe(path)   # its `base:` chain resolved: the frozen copy stands alone
     section = raw.pop("cluster", None) if OmegaConf.is_dict(raw) else None
     text = OmegaConf.to_yaml(raw)
-    module, name = CONFIG_STAGES[stage]
-    import importlib
-
-    schema = getattr(importlib.import_module(module), name)
+    schema = JOB_STAGES[stage]
     with tempfile.TemporaryDirectory() as tmp:  # validate now: a bad key fails here, not in the queue
         (Path(tmp) / path.name).write_text(text)
         cfg = load_config(schema, Path(tmp) / path.name, overrides)
@@ -88,11 +82,10 @@ def _shards_out(rest: list[str]) -> Path:
 
 def plan(stage: str, argv: list[str]) -> dict[str, Any]:
     """Everything a submission needs, checked, without touching the cluster or the disk."""
-    if stage not in STAGES:
-        raise BatonError(f"baton submit: unknown stage '{stage}'. Stages: {', '.join(STAGES)}")
+    JOB_STAGES.spec(stage)   # an unknown stage: the error lists the stages
     flags, cluster_overrides, rest = _split(argv)
     cwd = os.getcwd()
-    if stage in CONFIG_STAGES:
+    if takes_config(stage):
         if flags["parts"] is not None:
             raise BatonError("--parts is for `baton submit shards` (a job array over shard parts)")
         text, cfg, overrides, section = _stage_config(stage, rest)

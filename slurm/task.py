@@ -12,9 +12,10 @@ import os
 import sys
 
 from baton.errors import BatonError
+from baton.stages import JOB_STAGES, takes_config
 from slurm.job import StageFailed, StageJob
 
-USAGE = "usage: srun python -m slurm.task {pretrain,finetune,shards} ARGS...   (see slurm/templates/)"
+USAGE = f"usage: srun python -m slurm.task {{{','.join(JOB_STAGES)}}} ARGS...   (see slurm/templates/)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     stage, args = argv[0], argv[1:]
     try:
-        from slurm.submit import CONFIG_STAGES, STAGES, _stage_config
+        from slurm.submit import _stage_config
 
-        if stage not in STAGES:
-            raise BatonError(f"unknown stage '{stage}'. Stages: {', '.join(STAGES)}")
+        JOB_STAGES.spec(stage)   # an unknown stage: the error lists the stages
         run_dir = None
-        if stage in CONFIG_STAGES:
+        if takes_config(stage):
             run_dir = str(_stage_config(stage, args)[1].run_dir)
         elif "SLURM_ARRAY_TASK_ID" in os.environ and not any(a.startswith("--part") for a in args):
             part = f"{os.environ['SLURM_ARRAY_TASK_ID']}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"

@@ -148,7 +148,7 @@ def test_dry_run_needs_no_slurm_on_this_machine(tmp_path, synthetic_shards, caps
     (["cluster.nodez=2"], "unknown config key 'nodez'"),
     (["cluster.nodes=two"], "cluster.nodes"),
     (["cluster.time=soon"], "cluster.time='soon'"),
-    (["cluster.executor=kubernetes"], "expected one of slurm, local"),
+    (["cluster.executor=kubernetes"], "unknown cluster.executor 'kubernetes': choose one of slurm, local"),
     (["train.epochz=2"], "unknown config key 'train.epochz'"),
     (["cluster.extra_sbatch=[exclusive]"], "not a long sbatch option"),
 ])
