@@ -11,7 +11,7 @@ import argparse
 
 from baton.errors import BatonError
 from data_prep.options import _positive
-from data_prep.sources import MODULES, SOURCES
+from data_prep.sources import SOURCES, source_modules
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "key.json) plus stats.json from an image-text source; in parallel (--workers), "
                      "as a job-array slice (--part i/n), and resumably: a rerun writes only what is missing.")
     sub = parser.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser)
-    for module in MODULES:
+    for module in source_modules():
         p = sub.add_parser(module.NAME, aliases=getattr(module, "ALIASES", ()), help=module.HELP,
                            description=module.HELP)
         module.add_arguments(p)
@@ -38,6 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.source is None:
-        raise BatonError(f"baton shards: name a source, one of {', '.join(m.NAME for m in MODULES)} "
+        raise BatonError(f"baton shards: name a source, one of {', '.join(m.NAME for m in source_modules())} "
                          f"(e.g. `baton shards emoji --out data/emoji`)")
     return SOURCES[args.source].run(args)

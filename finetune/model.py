@@ -31,6 +31,7 @@ from torchvision import transforms as T
 
 from baton.errors import BatonError
 from baton.io import atomic_path, write_json_atomic
+from baton.registry import Registry
 
 FORMAT = "baton-embedder/1"
 WEIGHTS = "model.safetensors"
@@ -176,23 +177,32 @@ def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
     return load(spec)
 
 
+def load_random_backbone(like: str) -> tuple[nn.Module, dict]:
+    """`backbone: random:DIR`: the architecture of the handoff DIR, randomly initialised from
+    torch's global generator (what training from scratch starts from, beside it pretrained)."""
+    from baton.handoff import read_handoff
+
+    _, meta = read_handoff(like)
+    meta = {**meta, "source": {"random_init_like": like}}
+    meta.pop("text", None)  # no trained text tower belongs to a random image tower
+    return build_backbone(meta), meta
+
+
+# `backbone: KIND:ARG` -> loader(ARG); anything else is a `baton export` handoff directory
+BACKBONE_KINDS = Registry("backbone", {
+    "timm": load_timm_backbone,
+    "open_clip": load_open_clip_backbone,
+    "random": load_random_backbone,
+})
+
+
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
     """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm);
     `open_clip:SPEC` (released open_clip weights NAME@TAG, an open_clip_train checkpoint, a
-    local-dir: export); or `random:DIR`: the architecture of the handoff DIR, randomly initialised
-    from torch's global generator (what training from scratch starts from, beside it pretrained)."""
-    if str(path).startswith("timm:"):
-        return load_timm_backbone(str(path)[len("timm:"):])
-    if str(path).startswith("open_clip:"):
-        return load_open_clip_backbone(str(path)[len("open_clip:"):])
-    if str(path).startswith("random:"):
-        from baton.handoff import read_handoff
-
-        like = str(path)[len("random:"):]
-        _, meta = read_handoff(like)
-        meta = {**meta, "source": {"random_init_like": like}}
-        meta.pop("text", None)  # no trained text tower belongs to a random image tower
-        return build_backbone(meta), meta
+    local-dir: export); or `random:DIR` (`load_random_backbone`)."""
+    kind, sep, arg = str(path).partition(":")
+    if sep and kind in BACKBONE_KINDS:
+        return BACKBONE_KINDS[kind](arg)
     return _backbones().load_backbone(path)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from baton.errors import BatonError
 from baton.handoff import read_handoff
+from baton.registry import Registry
 from pretrain.models import register_timm_models
 
 
@@ -43,25 +44,24 @@ def _build_timm(meta: dict[str, Any]) -> nn.Module:
     return timm.create_model(**{**meta["model_config"], "pretrained": False})
 
 
-BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+# meta["library"] -> builder(meta) -> randomly initialised module
+BUILDERS = Registry("backbone library", {
     "open_clip": _build_open_clip,
     "timm": _build_timm,
-}
+})
 
 
 def build_backbone(meta: dict[str, Any]) -> nn.Module:
     """A randomly initialised backbone described by handoff metadata."""
     library = meta.get("library")
-    if library not in BUILDERS:
-        raise BatonError(f"backbone library {library!r} is unknown; known: {', '.join(BUILDERS)} "
-                         f"(add a builder to pretrain.backbones.BUILDERS)")
+    builder = BUILDERS[library]
     for key in ("model_config", "embedding_dim"):
         if not meta.get(key):
             raise BatonError(f"backbone metadata has no '{key}' (missing or empty); it describes the "
                              f"architecture to rebuild: re-export the backbone with `baton export`")
     register_timm_models()  # either library may name one of baton's timm models
     try:
-        return BUILDERS[library](meta)
+        return builder(meta)
     except (TypeError, KeyError, ValueError, RuntimeError) as e:
         raise BatonError(f"backbone metadata's model_config does not build a {library} model "
                          f"({type(e).__name__}: {e}); re-export the backbone with `baton export`") from None

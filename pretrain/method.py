@@ -12,7 +12,6 @@ strategy) -> clip -> optimiser step -> after_step -> (maybe) evaluate / checkpoi
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -20,18 +19,18 @@ import torch
 from torch import nn
 
 from baton.distributed import DistInfo
-from baton.errors import BatonError
+from baton.registry import Registry
 from pretrain.data.uint8_images import BatchNormalize, hands_over_uint8
 
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
     from pretrain.data import SampleMap
 
-# method name -> "module:Class", imported only when chosen (like baton/cli.py's COMMANDS).
-METHODS: dict[str, str] = {
+# method name -> "module:Class", imported only when chosen.
+METHODS = Registry("method", {
     "clip": "pretrain.clip.method:ClipMethod",
     "dino": "pretrain.dino.method:DinoMethod",
-}
+})
 
 
 class PretrainMethod:
@@ -107,10 +106,8 @@ class PretrainMethod:
 
 
 def method_class(name: str) -> type[PretrainMethod]:
-    if name not in METHODS:
-        raise BatonError(f"unknown pretraining method '{name}' (config key `method`); known: {', '.join(METHODS)}")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The method class `method` names (its module imported now), or a BatonError listing them."""
+    return METHODS[name]
 
 
 def build_method(cfg: "PretrainConfig", info: DistInfo) -> PretrainMethod:

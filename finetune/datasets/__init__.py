@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 from PIL import Image
 
 from baton.errors import BatonError
 from baton.images import rgb_on_white
+from baton.registry import Registry
 from finetune.config import MAX_SKIPPED_FRACTION
 
 Item = tuple["Image.Image | Path", int, str]
@@ -74,18 +73,14 @@ def read_table(path: Path, columns: int, header: bool = False) -> list[list[str]
     return rows
 
 
-def _loaders() -> dict[str, Callable[[Path, int], Split]]:
-    from finetune.datasets.cars196 import load_cars196
-    from finetune.datasets.cub200 import load_cub200
-    from finetune.datasets.folder import load_folder
-    from finetune.datasets.shards import load_shards
-    from finetune.datasets.sop import load_sop
-
-    return {"shards": load_shards, "folder": load_folder, "cub200": load_cub200, "cars196": load_cars196,
-            "sop": load_sop}
-
-
-DATASETS = ("shards", "folder", "cub200", "cars196", "sop")
+# data.source -> loader(root, seed) -> Split, imported when chosen (one file per source)
+DATASETS = Registry("data.source", {
+    "shards": "finetune.datasets.shards:load_shards",
+    "folder": "finetune.datasets.folder:load_folder",
+    "cub200": "finetune.datasets.cub200:load_cub200",
+    "cars196": "finetune.datasets.cars196:load_cars196",
+    "sop": "finetune.datasets.sop:load_sop",
+})
 
 
 def load_dataset(source: str, root: str | Path, seed: int = 0,
@@ -93,16 +88,14 @@ def load_dataset(source: str, root: str | Path, seed: int = 0,
     """The split of `source` at `root`. `max_skipped_fraction` is the share of bad samples the
     shards source skips (and counts) before it fails (`data.max_skipped_fraction`); the other
     sources fail at the first bad file, naming it."""
-    loaders = _loaders()
-    if source not in loaders:
-        raise BatonError(f"unknown data.source '{source}'; choose one of: {', '.join(loaders)}")
+    loader = DATASETS[source]
     if "://" not in str(root) and not Path(root).is_dir():
         raise BatonError(f"data.root {root} is not a directory (data.source={source}); "
                          f"create the data first, e.g. `baton shards emoji {root}`, or fix data.root")
     if source == "shards":   # read through fsspec (its root may be a URL), skipping and counting bad samples
-        split = loaders[source](str(root), seed, max_skipped_fraction)
+        split = loader(str(root), seed, max_skipped_fraction)
     else:
-        split = loaders[source](Path(root), seed)
+        split = loader(Path(root), seed)
     for name in ("train", "test"):
         if not split.get(name):
             raise BatonError(f"{root}: the {name} split is empty (data.source={source})")

@@ -22,32 +22,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from baton.errors import BatonError
+from baton.packaged_models import MINILM
+from baton.registry import Registry
 
 MODES = ("none", "elg", "plg")
 
+# `language.model` KIND[:ARG] -> encoder class, called with ARG; imported when chosen
+TEXT_ENCODERS = Registry("language.model", {
+    "handoff": "finetune.language.handoff_text:HandoffText",
+    "open_clip": "finetune.language.open_clip_text:OpenClipText",
+    "hf": "finetune.language.transformers_text:TransformersText",
+    MINILM: "finetune.language.transformers_text:packaged_minilm_text",
+}, usage=f"handoff, handoff:DIR, open_clip:NAME[@TAG], hf:NAME_OR_PATH or {MINILM}")
+
 
 def build_text_encoder(spec: str, backbone: str | Path | None = None):
+    """The encoder `language.model` names; `handoff` without a DIR is the finetuned `backbone`'s."""
     kind, _, arg = spec.partition(":")
+    encoder = TEXT_ENCODERS[spec if kind == MINILM else kind]   # MINILM takes no :ARG
     if kind == "handoff":
-        from finetune.language.handoff_text import HandoffText
-
         if not (arg or backbone):
             raise BatonError("language.model=handoff needs a handoff backbone directory (or handoff:DIR)")
-        return HandoffText(arg or backbone)
-    if kind == "open_clip":
-        from finetune.language.open_clip_text import OpenClipText
-
-        return OpenClipText(arg)
-    if kind == "hf":
-        from finetune.language.transformers_text import TransformersText
-
-        return TransformersText(arg)
-    from finetune.language.transformers_text import PACKAGED, TransformersText, packaged_minilm_path
-
-    if spec == PACKAGED:
-        return TransformersText(str(packaged_minilm_path()))
-    raise BatonError(f"unknown language.model {spec!r}: use handoff, handoff:DIR, open_clip:NAME[@TAG], "
-                     f"hf:NAME_OR_PATH or {PACKAGED}")
+        arg = arg or backbone
+    return encoder(arg)
 
 
 def embed_names(encoder, names_per_class: Sequence[Sequence[str]], prompt: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from baton.errors import BatonError
+from baton.registry import Registry
 
 
 @torch.no_grad()
@@ -81,32 +82,49 @@ class ZeroShotClassifier:
         return self.model.logit_scale.exp().item() * feats @ self.text.T
 
 
+def _timm(arg: str, vocabulary: Sequence[str], prompt: str, backbone: str | Path, device) -> "TimmClassifier":
+    return TimmClassifier(arg, vocabulary, device=device)
+
+
+def _zeroshot_handoff(arg: str, vocabulary: Sequence[str], prompt: str, backbone: str | Path,
+                      device) -> "ZeroShotClassifier":
+    from finetune.language.handoff_text import load_handoff_clip
+    from finetune.model import build_transform
+
+    path = arg or backbone
+    model, tok, meta = load_handoff_clip(path)
+    return ZeroShotClassifier(model, tok, vocabulary, build_transform(meta["preprocess"]), prompt, device,
+                              description=f"zero-shot CLIP of {path}")
+
+
+def _zeroshot_open_clip(arg: str, vocabulary: Sequence[str], prompt: str, backbone: str | Path,
+                        device) -> "ZeroShotClassifier":
+    import open_clip
+
+    from finetune.language.open_clip_text import build_open_clip
+
+    name, _, tag = arg.partition("@")
+    model, tok = build_open_clip(name, tag or None)
+    pp = open_clip.get_model_preprocess_cfg(model)
+    tf = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+                                   interpolation=pp.get("interpolation", "bicubic"))
+    return ZeroShotClassifier(model, tok, vocabulary, tf, prompt, device, description=f"zero-shot {arg}")
+
+
+# `language.classifier` KIND[:SOURCE][:ARG] -> builder(ARG, vocabulary, prompt, backbone, device)
+CLASSIFIERS = Registry("language.classifier", {
+    "timm": _timm,
+    "zeroshot": _zeroshot_handoff,             # the finetuned backbone's handoff CLIP
+    "zeroshot:handoff": _zeroshot_handoff,
+    "zeroshot:open_clip": _zeroshot_open_clip,
+}, usage="zeroshot, zeroshot:handoff:DIR, zeroshot:open_clip:NAME[@TAG] or timm:NAME")
+
+
 def build_classifier(spec: str, vocabulary: Sequence[str], prompt: str, backbone: str | Path,
                      device: str | torch.device = "cpu"):
     """`language.classifier` -> classifier: zeroshot | zeroshot:handoff:DIR | zeroshot:open_clip:NAME[@TAG] | timm:NAME."""
-    kind, _, rest = spec.partition(":")
-    if kind == "timm":
-        return TimmClassifier(rest, vocabulary, device=device)
+    kind, _, arg = spec.partition(":")
     if kind == "zeroshot":
-        src, _, arg = rest.partition(":")
-        if src in ("", "handoff"):
-            from finetune.language.handoff_text import load_handoff_clip
-            from finetune.model import build_transform
-
-            path = arg or backbone
-            model, tok, meta = load_handoff_clip(path)
-            return ZeroShotClassifier(model, tok, vocabulary, build_transform(meta["preprocess"]), prompt, device,
-                                      description=f"zero-shot CLIP of {path}")
-        if src == "open_clip":
-            import open_clip
-
-            from finetune.language.open_clip_text import build_open_clip
-
-            name, _, tag = arg.partition("@")
-            model, tok = build_open_clip(name, tag or None)
-            pp = open_clip.get_model_preprocess_cfg(model)
-            tf = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
-                                           interpolation=pp.get("interpolation", "bicubic"))
-            return ZeroShotClassifier(model, tok, vocabulary, tf, prompt, device, description=f"zero-shot {arg}")
-    raise BatonError(f"unknown language.classifier {spec!r}: use zeroshot, zeroshot:handoff:DIR, "
-                     f"zeroshot:open_clip:NAME[@TAG] or timm:NAME")
+        source, _, arg = arg.partition(":")
+        kind = f"zeroshot:{source}" if source else kind
+    return CLASSIFIERS[kind](arg, vocabulary, prompt, backbone, device)

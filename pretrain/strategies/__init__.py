@@ -11,26 +11,23 @@ chosen. Every checkpoint also has a small `state.pt` (step, RNG, loader position
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 
-from baton.errors import BatonError
+from baton.registry import Registry
 from pretrain.strategies.base import Strategy
 
-STRATEGIES: dict[str, str] = {
+STRATEGIES = Registry("train.strategy", {
     "ddp": "pretrain.strategies.ddp:DDPStrategy",
     "fsdp": "pretrain.strategies.fsdp:FSDPStrategy",
     "deepspeed": "pretrain.strategies.deepspeed:DeepSpeedStrategy",
-}
+})
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in STRATEGIES:
-        raise BatonError(f"unknown train.strategy '{name}'; known: {', '.join(STRATEGIES)}")
-    module, cls = STRATEGIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The strategy class `train.strategy` names (its module imported now), or a BatonError listing them."""
+    return STRATEGIES[name]
 
 
 def full_model_state(step_dir: str | Path, state: dict) -> dict[str, torch.Tensor]:
