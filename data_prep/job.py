@@ -271,6 +271,20 @@ def run_job(plan: Plan, out_dir: str | Path, prep: PrepOptions = PrepOptions(),
     return stats
 
 
+def write_shards(records: Iterable[Sample | Skip], out_dir: str | Path, shard_size: int = 500,
+                 log: TextIO | None = None, max_logged_skips: int = 10, shard_max_bytes: int | None = None,
+                 timing: bool = True) -> dict[str, Any]:
+    """Write ready `records` (in-memory Samples, Skips) as shards in `out_dir`; return the stats.
+
+    The serial entry point for sources that make their samples themselves (emoji, tests); it runs
+    the same resumable job as `baton shards` (data_prep.job) with one process. `timing=False`
+    leaves the clock out of stats.json so that the output is byte-identical for the same input.
+    """
+    layout = JobLayout(shard_size=shard_size, shard_max_bytes=shard_max_bytes, timing=timing,
+                       max_logged_skips=max_logged_skips)
+    return run_job(lambda: records, out_dir, layout=layout, log=log)
+
+
 def _merge(records: list[dict], planning_skips: Counter) -> dict[str, Any]:
     skipped = Counter(planning_skips)
     for r in records:

@@ -7,7 +7,8 @@ turned off) `throughput`. Each shard is written under a temporary name and renam
 complete, and `stats.json` is removed first and written last (atomically), so a directory with a
 `stats.json` is always a complete, consistent set; an interrupted run never leaves a partial
 `shard-*.tar`. Tar headers use a fixed mtime/owner, so the same samples give byte-identical
-shards. How inputs are cut into shards, in parallel and resumably: data_prep/job.py.
+shards. How inputs are cut into shards, in parallel and resumably (and `write_shards`, the
+serial entry point): data_prep/job.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tarfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 import webdataset as wds
 
@@ -164,22 +165,6 @@ class ShardFiles:
             self._tw = None
             self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
             self.shards.pop()
-
-
-def write_shards(records: Iterable[Sample | Skip], out_dir: str | Path, shard_size: int = 500,
-                 log: TextIO | None = None, max_logged_skips: int = 10, shard_max_bytes: int | None = None,
-                 timing: bool = True) -> dict[str, Any]:
-    """Write ready `records` (in-memory Samples, Skips) as shards in `out_dir`; return the stats.
-
-    The serial entry point for sources that make their samples themselves (emoji, tests); it runs
-    the same resumable job as `baton shards` (data_prep.job) with one process. `timing=False`
-    leaves the clock out of stats.json so that the output is byte-identical for the same input.
-    """
-    from data_prep.job import JobLayout, run_job
-
-    layout = JobLayout(shard_size=shard_size, shard_max_bytes=shard_max_bytes, timing=timing,
-                       max_logged_skips=max_logged_skips)
-    return run_job(lambda: records, out_dir, layout=layout, log=log)
 
 
 def read_stats(out_dir: str | Path) -> dict[str, Any] | None:

@@ -22,9 +22,7 @@ from pathlib import Path
 from baton.errors import BatonError
 from baton.io import atomic_path, write_json_atomic, write_text_atomic
 from baton.logs import read_metrics
-
-COLUMNS = [("recall@1", "Recall@1"), ("recall@2", "Recall@2"), ("recall@4", "Recall@4"),
-           ("recall@8", "Recall@8"), ("map@r", "MAP@R"), ("nmi", "NMI")]
+from finetune.results import COLUMNS, write_results
 
 
 def _pair(text: str, flag: str) -> tuple[str, Path]:
@@ -120,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         if args.row:
             raise BatonError("baton report takes either --row (one run) or --seeds (several runs), not both")
-        from finetune.results import write_results
-
         write_results(args.out, args.seeds)
         return 0
     if not args.row:

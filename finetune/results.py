@@ -22,7 +22,10 @@ import numpy as np
 
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
-from finetune.report import COLUMNS
+
+# (metric key in metrics.json / report.json, column title): the columns of both report tables
+COLUMNS = [("recall@1", "Recall@1"), ("recall@2", "Recall@2"), ("recall@4", "Recall@4"),
+           ("recall@8", "Recall@8"), ("map@r", "MAP@R"), ("nmi", "NMI")]
 
 
 def read_report(run: str | Path) -> list[dict]:

@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from baton.cli import main as baton_main
-from data_prep.writer import Sample, Skip, safe_key, write_shards
+from data_prep.job import write_shards
+from data_prep.writer import Sample, Skip, safe_key
 
 
 def _image_bytes(fmt: str, size=(20, 12), seed=0) -> bytes:

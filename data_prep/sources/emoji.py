@@ -24,7 +24,8 @@ from baton.errors import BatonError
 from baton.io import write_json_atomic
 from data_prep.emoji_designs import DESIGNS, Design, canon_of_text, load_designs, normalise
 from data_prep.images import SkipSample, encode_png
-from data_prep.writer import STATS, Sample, print_summary, read_stats, write_shards
+from data_prep.job import write_shards
+from data_prep.writer import STATS, Sample, print_summary, read_stats
 
 NAME = "emoji"
 HELP = "emoji drawn by the installed designs (Twemoji, OpenMoji, Noto, EmojiOne): train/test split"
