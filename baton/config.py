@@ -30,6 +30,7 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from baton.compat import config_child, is_free_mapping
 from baton.errors import BatonError
 
 T = TypeVar("T")
@@ -135,9 +136,9 @@ def _open_dict_sections(node: DictConfig) -> None:
     """Lift struct mode off the `Dict[str, Any]` fields (their keys are free: a loss's arguments);
     the dataclass sections around them stay closed, so a misspelt key there is still refused."""
     for key in node:
-        child = node._get_node(key)
+        child = config_child(node, key)
         if isinstance(child, DictConfig):
-            if child._metadata.object_type in (dict, None):
+            if is_free_mapping(child):
                 OmegaConf.set_struct(child, False)
             else:
                 _open_dict_sections(child)
@@ -195,7 +196,7 @@ def load_config(schema: type[T], path: str | Path | None = None,
             parsed = OmegaConf.from_dotlist([item])
             section = OmegaConf.select(merged, key, default=None)
             if isinstance(section, DictConfig) and OmegaConf.is_dict(OmegaConf.select(parsed, key)) \
-                    and section._metadata.object_type in (dict, None):
+                    and is_free_mapping(section):
                 OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=False)  # key={...}: replace
                 OmegaConf.set_struct(OmegaConf.select(merged, key), False)  # still an open section
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from baton.compat import parser_actions
 from baton.errors import BatonError
 from data_prep.options import _positive
 from data_prep.sources import SOURCES, source_modules
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, aliases=getattr(module, "ALIASES", ()), help=module.HELP,
                            description=module.HELP)
         module.add_arguments(p)
-        for action in p._actions:  # sizes and counts must be >= 1 for every source
+        for action in parser_actions(p):  # sizes and counts must be >= 1 for every source
             if action.dest in ("size", "shard_size", "max_classes"):
                 action.type = _positive
     return parser

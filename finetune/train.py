@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from baton.checkpoint import latest_checkpoint, load_checkpoint, refuse_used_run_dir, save_checkpoint
 from baton.cli_config import parse_stage_config
+from baton.compat import pml_numpy_rng
 from baton.config import config_changes, to_yaml
 from baton.errors import BatonError
 from baton.io import write_json_atomic, write_text_atomic
@@ -59,27 +59,13 @@ class AugmentedSet(Dataset):
         return x, label
 
 
-@contextmanager
-def _pml_rng(seed: int):
-    """pml's samplers draw from the module-global `c_f.NUMPY_RANDOM`; point it at a seeded
-    generator for the duration, then restore it, so our order depends only on (seed, epoch)."""
-    from pytorch_metric_learning.utils import common_functions as c_f
-
-    saved = c_f.NUMPY_RANDOM
-    c_f.NUMPY_RANDOM = np.random.RandomState(seed % (2 ** 32))
-    try:
-        yield
-    finally:
-        c_f.NUMPY_RANDOM = saved
-
-
 def epoch_batches(labels: list[int], cfg: FinetuneConfig, epoch: int, steps: int) -> list[list[int]]:
     from pytorch_metric_learning.samplers import MPerClassSampler
 
     bs = cfg.data.batch_size
     sampler = MPerClassSampler(labels, cfg.data.m_per_class, batch_size=bs,
                                length_before_new_iter=steps * bs)
-    with _pml_rng(cfg.seed * 1_000_003 + epoch):
+    with pml_numpy_rng(cfg.seed * 1_000_003 + epoch):   # the order depends only on (seed, epoch)
         order = list(iter(sampler))
     return [order[s * bs:(s + 1) * bs] for s in range(steps)]
 

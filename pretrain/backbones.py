@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from baton.compat import build_open_clip_vision_tower
 from baton.errors import BatonError
 from baton.handoff import read_handoff
 from baton.registry import Registry
@@ -22,18 +23,17 @@ from pretrain.models import register_timm_models
 def _build_open_clip(meta: dict[str, Any]) -> nn.Module:
     """The image tower of an open_clip model config, random init (only this tower is built).
 
-    Uses the same builder `open_clip.CLIP.__init__` uses for `model.visual`, so the exported
-    state dict (taken from `model.visual`) loads with strict key matching.
+    Uses the same builder `open_clip.CLIP.__init__` uses for `model.visual` (a private one:
+    baton/compat.py), so the exported state dict (taken from `model.visual`) loads with strict
+    key matching.
     """
-    from open_clip.model import _build_vision_tower
-
     if meta.get("tower", "visual") != "visual":
         raise BatonError(f"open_clip backbone tower {meta.get('tower')!r} is not supported; only 'visual'")
     cfg = copy.deepcopy(meta["model_config"])
     vision_cfg = cfg["vision_cfg"]
     if "timm_model_name" in vision_cfg:
         vision_cfg["timm_model_pretrained"] = False  # the handoff weights replace them
-    return _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+    return build_open_clip_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
 
 
 def _build_timm(meta: dict[str, Any]) -> nn.Module:

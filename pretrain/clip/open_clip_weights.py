@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import nn
 
+from baton.compat import find_open_clip_checkpoint
 from baton.errors import BatonError
 from baton.io import atomic_path, write_json_atomic
 from pretrain.clip.model import preprocess_cfg, resolve_packaged_text
@@ -136,12 +137,11 @@ def _released_weights(name: str, tag: str) -> tuple[str, dict]:
 def resolve_open_clip(spec: str) -> dict[str, Any]:
     """SPEC (module docstring) -> {"name", "model_cfg", "weights": file, "preprocess_cfg", "source"}."""
     import open_clip
-    from open_clip.factory import _find_checkpoint_in_dir
 
     if spec.startswith(LOCAL_DIR):
         d = Path(spec[len(LOCAL_DIR):])
         cfg, pp = _read_config_json(d / OPEN_CLIP_CONFIG)
-        weights = _find_checkpoint_in_dir(d)
+        weights = find_open_clip_checkpoint(d)
         if weights is None:
             raise BatonError(f"open_clip:{spec}: no weights (*.safetensors, *.bin, *.pth) in {d}")
         return {"name": d.name, "model_cfg": cfg, "weights": weights, "preprocess_cfg": pp,

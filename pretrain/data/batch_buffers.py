@@ -27,13 +27,14 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from baton.compat import storage_use_counter
 from baton.errors import BatonError
 
 MAX_POOL = 8   # buffers a worker keeps: prefetch_factor (4) + the batches the consumer holds + the one being filled
 Channel = Connection | deque
-# How many references a tensor storage has in this process (tensors, views, storage objects). A
-# private torch function (torch 2.x's own tests use it); without it buffers are simply not reused.
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
+# How many references a tensor storage has in this process (tensors, views, storage objects); None
+# where torch has no such function (baton/compat.py): then buffers are simply not reused.
+_use_count = storage_use_counter()
 
 
 class BatchBuffers:
@@ -155,7 +156,7 @@ class GiveBack:
         if _use_count is None:   # a torch without it: no buffer is reported, every batch gets a new one
             return
         for key, storages in list(self.held.items()):
-            if all(_use_count(s._cdata) == self._alone for s in storages):
+            if all(_use_count(s) == self._alone for s in storages):
                 self.mapped[key] = self.held.pop(key)
                 worker, slot = key
                 if self.in_process:

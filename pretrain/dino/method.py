@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from baton.compat import uncompiled
 from baton.distributed import DistInfo
 from baton.errors import BatonError
 from baton.handoff import write_handoff
@@ -56,7 +57,7 @@ def unwrap(net: nn.Module) -> nn.Module:
     while not isinstance(net, DinoModel):
         inner = getattr(net, "module", None)
         if inner is None:
-            inner = getattr(net, "_orig_mod", None)
+            inner = uncompiled(net)
         if not isinstance(inner, nn.Module):
             raise BatonError(f"expected the DINO model (or a wrapper of it), got {type(net).__name__}")
         net = inner

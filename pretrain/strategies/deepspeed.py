@@ -10,7 +10,7 @@ process group starts. The learning rate stays baton's (set on the groups each st
 `optimizer` or `scheduler` section is refused.
 
 On CPU the process group is gloo and DeepSpeed's shared-memory all-reduce op is switched off
-(`deepspeed.ops.__compatible_ops__`), so no C++ op is JIT-built (that build costs 40-80 s).
+(`baton.compat.disable_deepspeed_op`), so no C++ op is JIT-built (that build costs 40-80 s).
 In bf16/fp16 DeepSpeed keeps the module in that dtype (fp32 master weights in the optimiser), so
 `prepare` casts floating inputs to it. After each step `method.after_step` sees the module; under
 ZeRO-3 its parameters are gathered for that (modifications on rank 0 are kept). A change to a
@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from baton.compat import disable_deepspeed_op
 from baton.errors import BatonError
 from pretrain.strategies.base import ParamGroups, Strategy, ensure_process_group, resolve_precision
 
@@ -162,7 +163,7 @@ class DeepSpeedStrategy(Strategy):
                            ("WORLD_SIZE", self.info.world_size)):
             os.environ.setdefault(key, str(value))   # DeepSpeed reads them even for one plain process
         if self.info.device.type == "cpu":
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False   # gloo all-reduce; no JIT build
+            disable_deepspeed_op("deepspeed_shm_comm")   # gloo all-reduce; no JIT build
         deepspeed.init_distributed(dist_backend="nccl" if self.info.device.type == "cuda" else "gloo")
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size)
         model = model.to(self.info.device)
