@@ -224,10 +224,6 @@ def from_yaml(schema: type[T], text: str) -> T:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def asdict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 # Keys whose change between an interrupted run and its resumption does not alter the trajectory.
 RESUME_NEUTRAL_KEYS = ("resume", "train.stop_after_steps", "train.log_every", "train.checkpoint_every",
                        "train.keep_last", "train.keep_checkpoints", "train.tensorboard", "train.eval_at_end")

@@ -96,16 +96,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
-    """Broadcast a picklable object from `src` to all ranks (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    with _named("a broadcast"):
-        dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj) -> list:
     """Every rank's picklable `obj`, in rank order, on every rank ([obj] without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

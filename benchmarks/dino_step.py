@@ -74,8 +74,9 @@ def reference_run(cfg: PretrainConfig, steps: int, skip: int, losses: list[float
     gs, gt, center = model.student, model.teacher, torch.zeros(1, d.out_dim)
     opt = torch.optim.AdamW(gs.parameters(), lr=cfg.optim.lr * method.lr_scale(), weight_decay=d.weight_decay)
     shards = resolve_sources(cfg.data.train_shards)
-    spe = steps_per_epoch(cfg.data.num_samples or shards.num_samples, cfg.data.batch_size, 1)
-    loader = TrainLoader(shards, cfg.data, method.sample_map(model), seed=cfg.seed, rank=0, world_size=1, steps=spe)
+    epoch_steps = steps_per_epoch(cfg.data.num_samples or shards.num_samples, cfg.data.batch_size, 1)
+    loader = TrainLoader(shards, cfg.data, method.sample_map(model), seed=cfg.seed, rank=0, world_size=1,
+                         steps=epoch_steps)
     n_crops, momentum = 2 + d.n_local_crops, d.teacher_momentum
     stamps: dict[int, float] = {}
     step = 0
@@ -150,10 +151,10 @@ def main() -> None:
                 f"run_dir={tmp}/run{r}", f"data.train_shards={args.shards}", f"data.batch_size={args.batch_size}",
                 f"train.max_steps={args.steps}", "train.checkpoint_every=1000000", "train.log_every=1000000",
                 "train.strategy=ddp", "train.eval_every=0", f"train.threads={args.threads}", *args.overrides])
-            spe = steps_per_epoch(cfg.data.num_samples or resolve_sources(cfg.data.train_shards).num_samples,
+            epoch_steps = steps_per_epoch(cfg.data.num_samples or resolve_sources(cfg.data.train_shards).num_samples,
                                   cfg.data.batch_size, 1)
-            if args.steps > spe:
-                ap.error(f"--steps {args.steps} is more than one epoch ({spe} steps) of {args.shards}")
+            if args.steps > epoch_steps:
+                ap.error(f"--steps {args.steps} is more than one epoch ({epoch_steps} steps) of {args.shards}")
             order = list(zip(results, (engine_run, reference_run)))
             for name, run in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
                 seconds = run(cfg, args.steps, args.skip)

@@ -11,7 +11,7 @@ import argparse
 
 from baton.compat import parser_actions
 from baton.errors import BatonError
-from data_prep.options import _positive
+from data_prep.options import positive_int
 from data_prep.sources import SOURCES, source_modules
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         for action in parser_actions(p):  # sizes and counts must be >= 1 for every source
             if action.dest in ("size", "shard_size", "max_classes"):
-                action.type = _positive
+                action.type = positive_int
     return parser
 
 

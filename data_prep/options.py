@@ -16,7 +16,7 @@ from data_prep.job import JobLayout, Plan, describe, run_job
 from data_prep.writer import print_summary
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -37,7 +37,7 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _quality(text: str) -> int:
-    q = _positive(text)
+    q = positive_int(text)
     if q > 100:
         raise argparse.ArgumentTypeError(f"expected a JPEG quality in 1..100, got {q}")
     return q
@@ -66,29 +66,29 @@ def _count(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output shard directory")
     g = p.add_argument_group("shards and processes")
-    g.add_argument("--shard-size", type=_positive, default=500,
+    g.add_argument("--shard-size", type=positive_int, default=500,
                    help="inputs per shard (default 500): shard k holds the samples of inputs "
                         "[k*N, (k+1)*N) in input order, fewer when some are skipped")
-    g.add_argument("--shard-max-bytes", type=_positive, default=None,
+    g.add_argument("--shard-max-bytes", type=positive_int, default=None,
                    help="also split a shard into pieces shard-K-NNN.tar of at most this many bytes")
-    g.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+    g.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     g.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
                    help="job-array slice: write only shards k with k %% N == I (default 0/1: all)")
     g = p.add_argument_group("images")
-    g.add_argument("--size", type=_positive, default=None,
+    g.add_argument("--size", type=positive_int, default=None,
                    help="resize so the shorter side is SIZE (default: keep original bytes)")
-    g.add_argument("--max-side", type=_positive, default=None,
+    g.add_argument("--max-side", type=positive_int, default=None,
                    help="scale down so the longer side is at most S, keeping the aspect ratio")
-    g.add_argument("--min-size", type=_positive, default=None,
+    g.add_argument("--min-size", type=positive_int, default=None,
                    help="skip images whose shorter side is below this (counted as too_small)")
     g.add_argument("--jpeg-quality", type=_quality, default=None,
                    help="re-encode every image as JPEG at this quality (resized images are PNG otherwise)")
     g.add_argument("--dedupe", action="store_true",
                    help="skip images whose bytes equal an earlier input's (counted as duplicate)")
     g = p.add_argument_group("captions")
-    g.add_argument("--min-caption-chars", type=_positive, default=None,
+    g.add_argument("--min-caption-chars", type=positive_int, default=None,
                    help="skip captions shorter than this (caption_too_short)")
-    g.add_argument("--max-caption-chars", type=_positive, default=None,
+    g.add_argument("--max-caption-chars", type=positive_int, default=None,
                    help="captions longer than this are cut (or skipped with --long-captions skip)")
     g.add_argument("--long-captions", choices=("truncate", "skip"), default="truncate",
                    help="what --max-caption-chars does to a longer caption (default truncate)")

@@ -241,9 +241,9 @@ def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:
     meta = json.loads((d / META).read_text())
     if meta.get("format") != FORMAT:
         raise BatonError(f"{d / META}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    bmeta = meta["backbone"]
+    backbone_meta = meta["backbone"]
     head = meta.get("head")
-    model = EmbeddingModel(build_backbone(bmeta), int(bmeta["embedding_dim"]),
+    model = EmbeddingModel(build_backbone(backbone_meta), int(backbone_meta["embedding_dim"]),
                            int(head["out_dim"]) if head else None)
     missing, unexpected = model.load_state_dict(load_file(str(d / WEIGHTS)), strict=False)
     if missing or unexpected:
@@ -268,11 +268,11 @@ def resolve_embedder(spec: str, like: str | None = None, seed: int = 0) -> Embed
         if not like:
             raise BatonError("MODEL=random needs --like HANDOFF_DIR (the architecture to initialise)")
         torch.manual_seed(seed)
-        backbone, bmeta = load_backbone(f"random:{like}")  # finetuning's backbone=random:DIR, the same init
-        model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), None)
-        return Embedder(model, build_transform(bmeta["preprocess"]),
-                        f"random init (seed {seed}) of {bmeta.get('architecture', '?')} like {like}",
-                        {"kind": "random", "like": str(like), "seed": seed, "backbone": bmeta})
+        backbone, backbone_meta = load_backbone(f"random:{like}")  # finetuning's backbone=random:DIR, the same init
+        model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), None)
+        return Embedder(model, build_transform(backbone_meta["preprocess"]),
+                        f"random init (seed {seed}) of {backbone_meta.get('architecture', '?')} like {like}",
+                        {"kind": "random", "like": str(like), "seed": seed, "backbone": backbone_meta})
     p = Path(spec)
     if not p.exists():
         raise BatonError(f"model path {p} does not exist: pass a finetune run directory, its model/, "
@@ -287,7 +287,8 @@ def resolve_embedder(spec: str, like: str | None = None, seed: int = 0) -> Embed
         raise BatonError(f"{p} is neither a finetuned model (no {META}, nor model/{META}) nor a backbone "
                          f"handoff (no {HANDOFF_META}): pass a finetune run directory, a `baton export` "
                          f"directory, `random --like HANDOFF_DIR` or `pixels`")
-    backbone, bmeta = load_backbone(p)
-    model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), None)
-    return Embedder(model, build_transform(bmeta["preprocess"]),
-                    f"backbone {bmeta.get('architecture', '?')} from {p}", {"kind": "backbone", "backbone": bmeta})
+    backbone, backbone_meta = load_backbone(p)
+    model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), None)
+    return Embedder(model, build_transform(backbone_meta["preprocess"]),
+                    f"backbone {backbone_meta.get('architecture', '?')} from {p}",
+                    {"kind": "backbone", "backbone": backbone_meta})

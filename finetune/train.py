@@ -128,10 +128,10 @@ def run(cfg: FinetuneConfig) -> dict:
     _check(cfg, n_classes)
     if cfg.train.eval_at_end:  # before training, not after it: a split with no answer is refused
         n_queries = require_answerable([y for _, y, _ in data.test], f"{cfg.data.root} (test split)")
-    backbone, bmeta = load_backbone(cfg.backbone)
+    backbone, backbone_meta = load_backbone(cfg.backbone)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
-        bmeta = {**bmeta, "preprocess": {**bmeta["preprocess"], "resize": cfg.data.test_resize}}
-    model = EmbeddingModel(backbone, int(bmeta["embedding_dim"]), cfg.model.embedding_dim or None,
+        backbone_meta = {**backbone_meta, "preprocess": {**backbone_meta["preprocess"], "resize": cfg.data.test_resize}}
+    model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), cfg.model.embedding_dim or None,
                            freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
     criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, cfg.loss.kwargs,
                            cfg.miner.name, cfg.miner.kwargs).to(device)
@@ -152,7 +152,7 @@ def run(cfg: FinetuneConfig) -> dict:
     log.info("finetune: %d train images / %d classes, %d test images / %d classes, %d steps on %s",
              len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
 
-    tf = build_transform(bmeta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
+    tf = build_transform(backbone_meta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
                          hflip=cfg.data.hflip, crop_padding=cfg.data.crop_padding)
     dataset = AugmentedSet(data.train, tf)
     writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project,
@@ -223,7 +223,7 @@ def run(cfg: FinetuneConfig) -> dict:
         bar.close()
         redirect.__exit__(None, None, None)
 
-    model_dir = save_embedding_model(model.cpu(), bmeta, run_dir / "model",
+    model_dir = save_embedding_model(model.cpu(), backbone_meta, run_dir / "model",
                                      source={"backbone": str(cfg.backbone), "steps": step,
                                              "loss": cfg.loss.name, "language": cfg.language.mode,
                                              "run_dir": str(run_dir)})
@@ -231,7 +231,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.train.eval_at_end:
         images = [im for im, _, _ in data.test]
         labels = np.array([y for _, y, _ in data.test])
-        emb = embed_images(model, build_transform(bmeta["preprocess"]), images, desc="embed test")
+        emb = embed_images(model, build_transform(backbone_meta["preprocess"]), images, desc="embed test")
         metrics = retrieval_metrics(emb, labels)
         summary["metrics"] = metrics
         write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_queries,

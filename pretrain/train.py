@@ -109,11 +109,13 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         raise BatonError(f"cannot tell how many samples {cfg.data.train_shards} holds (no stats.json "
                          f"beside the shards, nor img2dataset's NNNNN_stats.json for every shard): "
                          f"set data.num_samples")
-    spe = steps_per_epoch(num_samples, cfg.data.batch_size, info.world_size) // accum  # optimiser steps
-    if spe < 1:
+    epoch_steps = steps_per_epoch(num_samples, cfg.data.batch_size, info.world_size) // accum  # optimiser steps
+    if epoch_steps < 1:
         raise BatonError(f"an epoch of {num_samples} samples holds fewer than train.grad_accum={accum} batches of "
                          f"data.batch_size={cfg.data.batch_size} x {info.world_size} ranks; lower one of them")
-    total = cfg.train.epochs * spe if cfg.train.max_steps is None else min(cfg.train.epochs * spe, cfg.train.max_steps)
+    total = cfg.train.epochs * epoch_steps
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -130,7 +132,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     net, optimizer = strategy.setup(model, method.param_groups)
     step, loader_state = restore(cfg, strategy, log)
     loader = TrainLoader(shards, cfg.data, method.sample_map(strategy.model), seed=cfg.seed, rank=info.rank,
-                         world_size=info.world_size, steps=spe * accum)
+                         world_size=info.world_size, steps=epoch_steps * accum)
     if step:
         saved_ranks = (loader_state or {}).get("ranks") or []
         loader.load_state_dict(saved_ranks[info.rank] if len(saved_ranks) == info.world_size else None, step * accum)
@@ -140,7 +142,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 log.warning("resuming with a changed config: %s", change)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     log.info("%s with %s: %d shards, %d samples, %d steps/epoch (x %d micro-batches) x %d ranks, %d steps in all, "
-             "%.2f M parameters", cfg.method, strategy.name, len(shards.urls), num_samples, spe, accum,
+             "%.2f M parameters", cfg.method, strategy.name, len(shards.urls), num_samples, epoch_steps, accum,
              info.world_size, total, n_params / 1e6)
 
     metrics = MetricsWriter(run_dir, enabled=info.is_main, wandb_project=cfg.train.wandb_project,
@@ -164,7 +166,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             skipped = Counter()
             for r in ranks:
                 skipped.update(r["skipped"])
-            epoch = max(step - 1, 0) // spe
+            epoch = max(step - 1, 0) // epoch_steps
             state = {**extra, "step": step, "epoch": epoch, "rng": rng_state(), "config": to_yaml(cfg),
                      "strategy": strategy.name, "method": method.name, "scheduler": {"last_epoch": step},
                      "loader": {"ranks": ranks, "skipped": dict(skipped)}}
@@ -211,7 +213,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             if step % cfg.train.log_every == 0 or step == total:
                 seconds, done = time.perf_counter() - window[0], step - window[1]
                 row = dict(loss=torch.stack(losses).mean().item(), lr=lr, **extras,
-                           samples_per_s=done * global_batch / max(seconds, 1e-9), epoch=(step - 1) // spe)
+                           samples_per_s=done * global_batch / max(seconds, 1e-9), epoch=(step - 1) // epoch_steps)
                 metrics.log(step, **row)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
                 log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s", step, total, row["loss"], lr,

@@ -56,7 +56,7 @@ def _split(argv: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
     return flags, cluster, rest
 
 
-def _stage_config(stage: str, rest: list[str]) -> tuple[str, Any, list[str], Any]:
+def stage_config(stage: str, rest: list[str]) -> tuple[str, Any, list[str], Any]:
     """(frozen YAML text, the validated stage config, overrides, the YAML's cluster section)."""
     if not rest or rest[0].startswith("-") or "=" in rest[0]:
         raise BatonError(f"baton submit {stage}: expected CONFIG [key=value ...] after the stage\n{USAGE}")
@@ -88,7 +88,7 @@ def plan(stage: str, argv: list[str]) -> dict[str, Any]:
     if takes_config(stage):
         if flags["parts"] is not None:
             raise BatonError("--parts is for `baton submit shards` (a job array over shard parts)")
-        text, cfg, overrides, section = _stage_config(stage, rest)
+        text, cfg, overrides, section = stage_config(stage, rest)
         run_dir = Path(cfg.run_dir).resolve()
         ccfg = load_cluster(section, flags["cluster"], cluster_overrides)
         frozen = run_dir / "slurm" / "config.yaml"

@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     stage, args = argv[0], argv[1:]
     try:
-        from slurm.submit import _stage_config
+        from slurm.submit import stage_config
 
         JOB_STAGES.spec(stage)   # an unknown stage: the error lists the stages
         run_dir = None
         if takes_config(stage):
-            run_dir = str(_stage_config(stage, args)[1].run_dir)
+            run_dir = str(stage_config(stage, args)[1].run_dir)
         elif "SLURM_ARRAY_TASK_ID" in os.environ and not any(a.startswith("--part") for a in args):
             part = f"{os.environ['SLURM_ARRAY_TASK_ID']}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"
             print(f"slurm.task: array element {os.environ['SLURM_ARRAY_TASK_ID']}: shards --part {part}", flush=True)

@@ -10,7 +10,7 @@ import torch
 
 from baton.errors import BatonError
 from pretrain.data import make_loader, resolve_sources
-from pretrain.data.batch_buffers import MAX_POOL, BatchBuffers, GiveBack
+from pretrain.data.batch_buffers import MAX_POOL, BatchBuffers, FreeBufferReporter
 from test_loader import data_cfg, write_good_shards
 
 
@@ -96,16 +96,16 @@ def test_the_same_batches_as_torch_default_collate(shards):
 
 
 def test_in_process_pool_reuses_only_what_nobody_holds():
-    give_back = GiveBack(workers=0)
-    buffers = BatchBuffers(2, give_back.channels[0], shared=False)
+    free_reporter = FreeBufferReporter(workers=0)
+    buffers = BatchBuffers(2, free_reporter.channels[0], shared=False)
     row = (torch.zeros(3), torch.zeros(1, dtype=torch.long))
 
     def batch():   # as pretrain.data.loader._Batches does: report, then make the next batch
-        give_back.release()
+        free_reporter.release()
         buffers.add(row, "k0")
         buffers.add(row, "k1")
         columns, slot = buffers.take()
-        give_back.received(0, slot, columns)
+        free_reporter.received(0, slot, columns)
         return columns, slot
 
     first, s1 = batch()

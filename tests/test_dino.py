@@ -74,8 +74,8 @@ def test_loss_equals_paper_pseudocode(n_crops):
     teacher = torch.randn(2 * B, K) * 3
     center = torch.randn(1, K) * 0.5
     # teacher temperature at epoch 2 of a 5-epoch warm-up 0.04 -> 0.07, 4 steps per epoch
-    step, spe = 9, 4
-    temp = schedules.teacher_temperature(step, spe, 0.04, 0.07, 5)
+    step, steps_per_epoch = 9, 4
+    temp = schedules.teacher_temperature(step, steps_per_epoch, 0.04, 0.07, 5)
     assert temp == pytest.approx(np.linspace(0.04, 0.07, 5)[2], abs=1e-12)
     got = dino_loss(student, teacher, center, n_crops=n_crops, teacher_temp=temp, student_temp=0.1)
     want, want_center = paper_loss(student, teacher, center, n_crops, temp, 0.1, 0.9)
@@ -113,16 +113,17 @@ def reference_cosine_scheduler(base, final, epochs, niter):
 
 
 def test_schedules_equal_reference_arrays():
-    epochs, spe = 3, 7
-    total = epochs * spe
-    mom = reference_cosine_scheduler(0.996, 1.0, epochs, spe)
-    wd = reference_cosine_scheduler(0.04, 0.4, epochs, spe)
+    epochs, steps_per_epoch = 3, 7
+    total = epochs * steps_per_epoch
+    mom = reference_cosine_scheduler(0.996, 1.0, epochs, steps_per_epoch)
+    wd = reference_cosine_scheduler(0.04, 0.4, epochs, steps_per_epoch)
     temps = np.concatenate([np.linspace(0.04, 0.07, 2), np.ones(epochs - 2) * 0.07])
     for step in range(total):
         assert schedules.teacher_momentum(step, total, 0.996) == pytest.approx(mom[step], abs=1e-12)
         assert schedules.weight_decay(step, total, 0.04, 0.4) == pytest.approx(wd[step], abs=1e-12)
-        assert schedules.teacher_temperature(step, spe, 0.04, 0.07, 2) == pytest.approx(temps[step // spe])
-        assert schedules.last_layer_frozen(step, spe, 1) == (step < spe)
+        assert schedules.teacher_temperature(step, steps_per_epoch, 0.04, 0.07, 2) == \
+            pytest.approx(temps[step // steps_per_epoch])
+        assert schedules.last_layer_frozen(step, steps_per_epoch, 1) == (step < steps_per_epoch)
 
 
 # ------------------------------------------------------------------ model: EMA, head, multi-crop forward

@@ -300,15 +300,15 @@ def stalling_server():
 def test_a_server_that_does_not_answer_times_out_naming_the_url(stalling_server, path, monkeypatch, caplog):
     import time
 
-    from pretrain.data.samples import Tally, shard_files
+    from pretrain.data.samples import StreamProgress, shard_files
 
     monkeypatch.setenv("BATON_IO_TIMEOUT_S", "1.5")
     url = f"{stalling_server}/{path}/shard-000000.tar"
-    tally = Tally(where="data.train_shards")
+    progress = StreamProgress(where="data.train_shards")
     t0 = time.time()
-    members = [m for m in shard_files(iter([(0, url)]), tally, empty_limit=5) if m]
+    members = [m for m in shard_files(iter([(0, url)]), progress, empty_limit=5) if m]
     assert time.time() - t0 < 30 and members == []
-    assert tally.rejected["unreadable_shard"] == 1 and url in caplog.text  # skipped, counted, named
+    assert progress.rejected["unreadable_shard"] == 1 and url in caplog.text  # skipped, counted, named
 
 
 CHILD = """

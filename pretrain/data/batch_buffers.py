@@ -128,7 +128,7 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 3 and not x.is_contiguous() and x.permute(1, 2, 0).is_contiguous()
 
 
-class GiveBack:
+class FreeBufferReporter:
     """Training-process side: reports a batch's buffers free to the worker that filled them once
     nothing in this process holds them any more. One per pass over a DataLoader (its workers' pipes)."""
 

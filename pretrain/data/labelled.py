@@ -36,7 +36,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from baton.errors import BatonError
-from pretrain.data.samples import IMAGE_KEYS, Rejected, Tally, decode_image, group_samples, shard_files
+from pretrain.data.samples import IMAGE_KEYS, Rejected, StreamProgress, decode_image, group_samples, shard_files
 from pretrain.data.sources import resolve_sources
 
 EMPTY_SHARDS_LIMIT = 1000   # consecutive shards without a file before giving up (a wrong path, not bad luck)
@@ -61,7 +61,7 @@ class LabelledSet:
     read: int = 0                      # samples read from the shards: kept, or skipped by the checks
     lost: int = 0                      # samples stats.json lists that could not be read (see `check_skipped`)
     bad_by_shard: Counter = field(default_factory=Counter)   # shard URL -> samples skipped or lost there
-    tally: Optional[Tally] = None      # logs each skip naming the shard and key
+    progress: Optional[StreamProgress] = None      # logs each skip naming the shard and key
 
     def owned(self) -> list[LabelledSample]:
         return [s for s in self.samples if s.image is not None]
@@ -78,8 +78,8 @@ class LabelledSet:
         return out
 
     def _skip(self, reason: str, key: str, url: str, detail: str = "") -> None:
-        if self.tally is not None:
-            self.tally.reject(reason, key, url, detail)   # counts into self.skipped (the same Counter)
+        if self.progress is not None:
+            self.progress.reject(reason, key, url, detail)   # counts into self.skipped (the same Counter)
         else:
             self.skipped[reason] += 1
         self.bad_by_shard[url] += 1
@@ -143,7 +143,7 @@ def _count_short_shards(data: LabelledSet, urls: list[str], counts: dict[str, in
     `lost`, and a shard that read without an error but short is counted as `short_shard` (an
     unreadable one already is `unreadable_shard`). A shard that failed to read and has no count
     in stats.json adds one lost sample: at least one is missing, how many is unknown."""
-    failed = {urls[n] for n in data.tally.failed}
+    failed = {urls[n] for n in data.progress.failed}
     done = urls if stopped_at is None else urls[:urls.index(stopped_at)]
     for url in dict.fromkeys(done):
         expected = counts.get(url, 0) * urls.count(url)
@@ -155,7 +155,7 @@ def _count_short_shards(data: LabelledSet, urls: list[str], counts: dict[str, in
         if url not in failed:
             data.skipped["short_shard"] += 1
             log.warning("%s: shard %s held %d samples, but its stats.json lists %d (truncated or rewritten?)",
-                        data.tally.where, url, read[url], expected)
+                        data.progress.where, url, read[url], expected)
 
 
 def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1,
@@ -174,11 +174,11 @@ def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0,
         raise BatonError(f"{key}: {e}".replace("data.train_shards", key)) from None
     urls = sources.urls
     counts = {u: c for s in sources.sources for u, c in s.counts.items()}
-    tally = Tally(where=key)
-    data = LabelledSet(samples=[], skipped=tally.rejected, tally=tally)
+    progress = StreamProgress(where=key)
+    data = LabelledSet(samples=[], skipped=progress.rejected, progress=progress)
     read: Counter = Counter()   # shard URL -> samples read from it (kept or skipped)
     stopped_at = None
-    raw_samples = group_samples(shard_files(enumerate(urls), tally, EMPTY_SHARDS_LIMIT))
+    raw_samples = group_samples(shard_files(enumerate(urls), progress, EMPTY_SHARDS_LIMIT))
     try:
         for raw in raw_samples:
             if max_samples is not None and len(data.samples) >= max_samples:

@@ -7,8 +7,8 @@ Why it is built like this:
   augmentation seeds. Worker l yields exactly its share of the epoch's `steps` batches (shard
   sequences never run dry: resampled draws forever, epoch-exact starts its shards again if they
   hold too few samples), so all ranks run the same number of steps and DDP never waits forever.
-- Every batch carries its worker's `Tally` (samples taken from the shuffle buffer, skips by reason,
-  unreadable shards) as of that batch. The main process keeps the latest tally per logical worker:
+- Every batch carries its worker's `StreamProgress` (samples taken from the shuffle buffer, skips by reason,
+  unreadable shards) as of that batch. The main process keeps the latest progress per logical worker:
   that, with the epoch and the batches consumed, is the loader's state (prefetched batches are not
   in it). Resuming rebuilds each worker's stream, replays its shards and shuffle buffer without
   decoding, drops the samples it had consumed, and goes on: exactly the samples of an
@@ -35,8 +35,8 @@ from webdataset.utils import make_seed
 
 from baton.errors import BatonError
 from pretrain.config import DataConfig
-from pretrain.data.batch_buffers import BatchBuffers, GiveBack
-from pretrain.data.samples import Rejected, SampleMap, Tally, group_samples, shard_files
+from pretrain.data.batch_buffers import BatchBuffers, FreeBufferReporter
+from pretrain.data.samples import Rejected, SampleMap, StreamProgress, group_samples, shard_files
 from pretrain.data.sources import ShardList, Sources
 
 MAX_REJECT_RUN = 10_000   # consecutive skips with no usable sample: the data is broken, stop with an error
@@ -67,7 +67,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         self.steps, self.start = steps, start
         self.workers = max(1, dcfg.workers)
         self.states = states or [None] * self.workers
-        self.freed: list | None = None   # GiveBack's channels, one per logical worker (set per pass)
+        self.freed: list | None = None   # FreeBufferReporter's channels, one per logical worker (set per pass)
 
     def _passes(self, logical: int, where: str) -> Iterator[Iterator[tuple[int, str]]]:
         """Passes over this reader's shards, each a run of (position, url): resampled mode has one
@@ -90,13 +90,13 @@ class EpochStream(torch.utils.data.IterableDataset):
                                                                     again)).sample(mine, len(mine))
             yield iter(enumerate(order, start=again * len(mine)))
 
-    def _samples(self, logical: int, tally: Tally) -> Iterator[dict]:
+    def _samples(self, logical: int, progress: StreamProgress) -> Iterator[dict]:
         """Raw samples in training order: each pass grouped and shuffled on its own (the buffer never
         mixes two passes, so epoch-exact mode reads each shard once before any shard twice)."""
         limit = 2 * len(set(self.sources.urls)) + 16
         buffer = self.dcfg.shuffle_buffer
-        for p, shards in enumerate(self._passes(logical, tally.where)):
-            samples = group_samples(shard_files(shards, tally, limit))
+        for p, shards in enumerate(self._passes(logical, progress.where)):
+            samples = group_samples(shard_files(shards, progress, limit))
             if buffer > 1:
                 rng = random.Random(make_seed(self.seed, self.epoch, self.rank, logical, 1, p))
                 samples = wds.shuffle(buffer, min(100, buffer), rng=rng)(samples)
@@ -110,33 +110,33 @@ class EpochStream(torch.utils.data.IterableDataset):
         if quota == 0:
             return
         where = f"rank {self.rank} worker {logical}"
-        tally = Tally(self.states[logical], where)
+        progress = StreamProgress(self.states[logical], where)
         base = make_seed(self.seed, self.epoch)
-        samples = itertools.islice(self._samples(logical, tally), tally.consumed, None)  # resume: no decoding
+        samples = itertools.islice(self._samples(logical, progress), progress.consumed, None)  # resume: no decoding
         buffers = BatchBuffers(self.dcfg.batch_size, self.freed[logical] if self.freed else None,
                                shared=info is not None, normalize=getattr(self.sample_map, "row_normalize", None))
         keys = []
         for sample in samples:
-            index = tally.consumed
-            tally.consumed += 1
+            index = progress.consumed
+            progress.consumed += 1
             try:
                 row = self.sample_map(sample, make_seed(base, self.rank * 1000 + logical, index))
             except Rejected as r:
-                tally.reject(r.reason, sample["__key__"], sample["__url__"], r.detail)
-                tally.reject_run += 1
-                if tally.reject_run >= MAX_REJECT_RUN:
-                    raise BatonError(f"{where}: {tally.reject_run} samples in a row were unusable "
-                                     f"({dict(tally.rejected)}), e.g. {sample['__key__']} in {sample['__url__']}; "
+                progress.reject(r.reason, sample["__key__"], sample["__url__"], r.detail)
+                progress.reject_run += 1
+                if progress.reject_run >= MAX_REJECT_RUN:
+                    raise BatonError(f"{where}: {progress.reject_run} samples in a row were unusable "
+                                     f"({dict(progress.rejected)}), e.g. {sample['__key__']} in {sample['__url__']}; "
                                      f"fix or rewrite the shards (`baton shards`)") from None
                 continue
-            tally.reject_run = 0
+            progress.reject_run = 0
             keys.append(sample["__key__"])
             # The sample map returns a tuple of tensors (CLIP: image, tokens; DINO: its crops); each
             # goes into its row of the batch at once (batch_buffers: reused shared-memory buffers).
             if buffers.add(row, sample["__key__"]):
                 columns, slot = buffers.take()
-                yield (*columns, {"worker": logical, "buffer": slot, "keys": keys, "state": tally.state()})
-                del columns   # this frame must not hold the batch's buffers (see GiveBack)
+                yield (*columns, {"worker": logical, "buffer": slot, "keys": keys, "state": progress.state()})
+                del columns   # this frame must not hold the batch's buffers (see FreeBufferReporter)
                 keys = []
                 quota -= 1
                 if quota == 0:
@@ -175,9 +175,9 @@ class _Batches:
 
     def __iter__(self) -> Iterator[tuple]:
         workers = max(0, self.stream.dcfg.workers)
-        give_back = GiveBack(workers)
+        free_reporter = FreeBufferReporter(workers)
         stream = copy.copy(self.stream)    # this pass's: its workers take the channels with it
-        stream.freed = give_back.channels
+        stream.freed = free_reporter.channels
         # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
         # default_convert, which walks every key and state in the meta dict of every batch.
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
@@ -185,12 +185,12 @@ class _Batches:
                                              collate_fn=_as_is, worker_init_fn=_worker_init if workers else None)
         try:
             for *tensors, meta in loader:
-                give_back.received(meta["worker"], meta.pop("buffer"), tensors)
+                free_reporter.received(meta["worker"], meta.pop("buffer"), tensors)
                 yield (*tensors, meta)
                 del tensors
-                give_back.release()   # before the next batch is made: in-process it can go in a freed buffer
+                free_reporter.release()   # before the next batch is made: in-process it can go in a freed buffer
         finally:
-            give_back.close()
+            free_reporter.close()
 
 
 def make_loader(shards: ShardList | Sources, dcfg: DataConfig, sample_map: SampleMap, *, seed: int, epoch: int,

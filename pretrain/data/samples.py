@@ -47,7 +47,7 @@ class Rejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-class Tally:
+class StreamProgress:
     """One (logical) worker's progress through its epoch stream: what the checkpoint needs to resume it.
 
     consumed: samples taken from the shuffle buffer (used or skipped); rejected: skips by reason;
@@ -82,7 +82,7 @@ class Tally:
         return {"consumed": self.consumed, "rejected": dict(self.rejected), "failed_shards": sorted(self.failed)}
 
 
-def shard_files(shards: Iterator[tuple[int, str]], tally: Tally, empty_limit: int) -> Iterator[dict]:
+def shard_files(shards: Iterator[tuple[int, str]], progress: StreamProgress, empty_limit: int) -> Iterator[dict]:
     """(position, url) pairs -> tar members {fname, data, __url__}; an empty dict ends each shard."""
     for n, url in shards:
         got = 0
@@ -93,11 +93,11 @@ def shard_files(shards: Iterator[tuple[int, str]], tally: Tally, empty_limit: in
                     member["__url__"] = url
                     yield member
         except Exception as e:  # unreachable, truncated or not a tar: skip the rest of this shard
-            tally.shard_failed(n, url, e)
+            progress.shard_failed(n, url, e)
         yield {}
-        tally.empty_run = 0 if got else tally.empty_run + 1
-        if tally.empty_run >= empty_limit:
-            raise BatonError(f"{tally.where}: the last {tally.empty_run} shards read (e.g. {url}) held no files; "
+        progress.empty_run = 0 if got else progress.empty_run + 1
+        if progress.empty_run >= empty_limit:
+            raise BatonError(f"{progress.where}: the last {progress.empty_run} shards read (e.g. {url}) held no files; "
                              f"check data.train_shards and rewrite the shards with `baton shards`")
 
 

@@ -104,7 +104,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return _merge(base, _user_entries(cfg))
 
 
-class _Seen(dict):
+class _ReadTrackingDict(dict):
     """A dict that records which keys were read (to find the top-level keys DeepSpeed ignores)."""
 
     def __init__(self, *args):
@@ -145,7 +145,7 @@ class DeepSpeedStrategy(Strategy):
 
         # DeepSpeedConfig checks the batch keys against the running group's size (1 without one): checked above.
         seen_world = dist.get_world_size() if dist.is_initialized() else 1
-        single = _Seen({**ds, "train_batch_size": want["train_batch_size"] // world_size * seen_world})
+        single = _ReadTrackingDict({**ds, "train_batch_size": want["train_batch_size"] // world_size * seen_world})
         try:
             DeepSpeedConfig(single)
         except Exception as e:  # pydantic ValidationError, AssertionError, ValueError
