@@ -324,7 +324,7 @@ def from_yaml(schema: type[T], text: str) -> T:
 
 # Keys whose change between an interrupted run and its resumption does not alter the trajectory.
 RESUME_NEUTRAL_KEYS = ("resume", "train.stop_after_steps", "train.log_every", "train.checkpoint_every",
-                       "train.keep_last", "train.keep_checkpoints", "train.tensorboard", "train.eval_at_end")
+                       "train.keep_last", "train.tensorboard", "train.eval_at_end")
 
 
 def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTRAL_KEYS) -> list[str]:

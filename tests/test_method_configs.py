@@ -122,3 +122,27 @@ def test_a_checkpoint_of_the_old_layout_resumes_and_exports(tmp_path, synthetic_
     assert load_checkpoint(run)[0]["step"] == 4
     out = export(step_dir, tmp_path / "export")  # the old-layout checkpoint itself
     assert (out / "backbone.safetensors").is_file()
+
+
+def test_finetune_reads_its_old_key_names_as_the_pretrain_names_with_a_warning(tmp_path, caplog):
+    """One name per meaning in every stage: finetuning's old spellings map, each warning naming the new key."""
+    from baton.config import config_changes
+
+    old = tmp_path / "old.yaml"
+    old.write_text("resume: ''\noptim: {warmup: 7, grad_clip: 0}\ntrain: {keep_checkpoints: 4}\n")
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        cfg = load_config(FinetuneConfig, old)
+    assert (cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.train.keep_last, cfg.resume) == (7, None, 4, None)
+    for new in ("'optim.warmup_steps'", "'train.keep_last'", "optim.grad_clip=null", "resume=null"):
+        assert new in caplog.text, new
+    assert cfg == load_config(FinetuneConfig, None, ["optim.warmup_steps=7", "train.keep_last=4"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        by_override = load_config(FinetuneConfig, None, ["optim.warmup=7", "optim.grad_clip=0",
+                                                         "train.keep_checkpoints=4", "resume="])
+    assert by_override == cfg and "'optim.warmup_steps'" in caplog.text and "optim.grad_clip=null" in caplog.text
+    with pytest.raises(BatonError, match="optim.grad_clip=-1.0 is out of range"):
+        load_config(FinetuneConfig, None, ["optim.grad_clip=-1"])
+    # a run saved with the old names resumes without a changed-config warning
+    saved = old.read_text().replace("warmup: 7", "warmup: 7, lr: 0.0001")
+    assert config_changes(saved, cfg) == []
