@@ -1,0 +1,46 @@
+"""The pretraining methods, one line each: name -> where its `PretrainMethod` and its config are.
+
+A method lives in its own folder (`pretrain/clip/`, `pretrain/dino/`): the method class (the
+contract in `pretrain/method.py`) and the dataclass of its config section, which a recipe spells
+under the method's name (`method: dino` + `dino: {...}`; `baton.config.ChosenSection`). Adding a
+method is that folder plus one line here. Entries are "module:attr" strings, imported only when
+used, so loading a config imports the config modules and not the models behind them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from baton.errors import BatonError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    method: str   # "module:Class" of its PretrainMethod
+    config: str   # "module:Class" of its config section's dataclass
+
+
+METHODS: dict[str, MethodSpec] = {
+    "clip": MethodSpec("pretrain.clip.method:ClipMethod", "pretrain.clip.config:ClipConfig"),
+    "dino": MethodSpec("pretrain.dino.method:DinoMethod", "pretrain.dino.config:DinoConfig"),
+}
+
+
+def load_attr(spec: str) -> Any:
+    """The object a "module:attr" string names."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registry entry of method `name`, or a BatonError listing the known methods."""
+    if name not in METHODS:
+        raise BatonError(f"unknown pretraining method '{name}' (config key `method`); known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_sections() -> dict[str, type]:
+    """{method name: its config section's dataclass}: what `PretrainConfig.CHOSEN_SECTION` reads."""
+    return {name: load_attr(spec.config) for name, spec in METHODS.items()}
