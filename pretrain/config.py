@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 from baton.config import bounded
 from pretrain.dino.config import DinoConfig
+from pretrain.glip.config import GlipConfig
 
 
 @dataclass
@@ -122,10 +123,11 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     resume: Optional[str] = None        # None | "latest" | a checkpoint path
-    method: str = "clip"                # what is learned (pretrain/method.py METHODS): clip | dino
+    method: str = "clip"                # what is learned (pretrain/method.py METHODS): clip | dino | glip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)  # used when method=dino
+    glip: GlipConfig = field(default_factory=GlipConfig)  # used when method=glip

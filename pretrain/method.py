@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, str] = {
     "clip": "pretrain.clip.method:ClipMethod",
     "dino": "pretrain.dino.method:DinoMethod",
+    "glip": "pretrain.glip.method:GlipMethod",
 }
 
 

@@ -1,0 +1,84 @@
+"""Phrase grounding Recall@1 at IoU >= 0.5 on held-out grounding shards (the Flickr30k protocol's R@1).
+
+For each region of a held-out scene the model is prompted with the scene's caption; the phrase's
+score at a location is the mean alignment probability over the phrase's tokens (GLIP scores a
+phrase from its tokens), and the phrase's top-1 box is the box predicted at its best location. A
+region counts as found when that box overlaps its annotated box with IoU >= 0.5. Samples are split
+over ranks (sample i on rank i mod world) and the counts summed, so every rank gets the same score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_iou
+
+from baton.distributed import all_reduce_sum
+from pretrain.data import Rejected, resolve_sources
+from pretrain.glip.data import GroundingSample
+from pretrain.glip.loss import boxes_of
+
+IOU = 0.5
+
+
+def top1_boxes(out: dict, positive_map: torch.Tensor) -> torch.Tensor:
+    """(B, R, 4): per region, the predicted box at the location where its phrase scores highest."""
+    probs = out["logits"].float().sigmoid()                                       # (B, N, L)
+    weights = positive_map / positive_map.sum(-1, keepdim=True).clamp(min=1)      # (B, R, L)
+    scores = torch.einsum("bnl,brl->brn", probs, weights)
+    best = scores.argmax(-1)                                                     # (B, R)
+    boxes = boxes_of(out["locations"][None].float(), out["ltrb"].float())        # (B, N, 4)
+    return torch.gather(boxes, 1, best[..., None].expand(*best.shape, 4))
+
+
+def recall_counts(pred: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+    """(regions found at IoU >= 0.5, regions) of one batch."""
+    hits = total = 0
+    for p, g, v in zip(pred, boxes, valid.bool()):
+        if v.any():
+            iou = box_iou(p[v], g[v]).diagonal()
+            hits += int((iou >= IOU).sum())
+            total += int(v.sum())
+    return hits, total
+
+
+def iter_eval_samples(method, rank: int, world: int):
+    """This rank's mapped samples of `eval.shards` (the first eval.max_samples, in shard order)."""
+    import webdataset as wds
+
+    sample_map = GroundingSample(method.glip, method.tokenizer())   # uint8 images, normalised below
+    urls = resolve_sources(method.cfg.eval.shards).urls
+    limit = method.cfg.eval.max_samples
+    for i, raw in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
+        if limit is not None and i >= limit:
+            break
+        if i % world != rank:
+            continue
+        try:
+            row = sample_map(raw, 0)
+        except Rejected:
+            continue
+        yield (sample_map.batch_normalize(row[0][None])[0], *row[1:])
+
+
+@torch.no_grad()
+def grounding_recall(model, method, device) -> dict[str, float]:
+    batch_size = method.cfg.eval.batch_size
+    hits = total = 0
+    rows: list[tuple] = []
+
+    def flush() -> None:
+        nonlocal hits, total, rows
+        if not rows:
+            return
+        images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*rows))
+        out = model(images, ids, mask)
+        h, t = recall_counts(top1_boxes(out, pmap), boxes, valid)
+        hits, total, rows = hits + h, total + t, []
+
+    for row in iter_eval_samples(method, method.info.rank, method.info.world_size):
+        rows.append(row)
+        if len(rows) == batch_size:
+            flush()
+    flush()
+    counts = all_reduce_sum(torch.tensor([hits, total], dtype=torch.float64, device=device))
+    return {"grounding_r1": float(counts[0] / counts[1].clamp(min=1)), "grounding_regions": float(counts[1])}
