@@ -145,3 +145,81 @@ def test_resume_equals_uninterrupted_and_exports_the_backbone(grounding_shards, 
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), reference.eval()(x))
+
+
+# ------------------------------------------------------------------ 2 ranks == 1 process
+
+def mapped_batch(shards: Path, n: int = 8) -> tuple:
+    """The first n scenes through the method's sample map, stacked, images normalised."""
+    import webdataset as wds
+
+    from pretrain.glip.data import GroundingSample
+    from pretrain.glip.model import build_tokenizer
+
+    cfg = tiny_glip()
+    samples = GroundingSample(cfg, build_tokenizer(cfg))
+    raw = list(wds.WebDataset([str(shards / "shard-000000.tar")], shardshuffle=False))[:n]
+    cols = [torch.stack(c) for c in zip(*(samples(s, 0) for s in raw))]
+    return (samples.batch_normalize(cols[0]), *cols[1:])
+
+
+def glip_method(rank: int = 0, world: int = 1):
+    from baton.config import load_config
+    from baton.distributed import DistInfo
+    from pretrain.config import PretrainConfig
+    from pretrain.glip.method import GlipMethod
+
+    cfg = load_config(PretrainConfig, None, ["method=glip"])
+    cfg.glip = tiny_glip()
+    return GlipMethod(cfg, DistInfo(rank=rank, world_size=world))
+
+
+def train_two_steps(net, method, batch: tuple) -> None:
+    """SGD: linear in the gradients, so a wrongly normalised rank shows (AdamW would rescale it away)."""
+    opt = torch.optim.SGD(method.param_groups(net), lr=0.05)
+    for step in range(2):
+        loss, _ = method.loss(net, batch, step, 2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _ddp_worker(rank: int, world: int, init: str, batch: tuple, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        method = glip_method(rank, world)
+        torch.manual_seed(0)
+        model = method.build_model().eval()   # BatchNorm per sample (running stats): see the test
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        half = tuple(t[rank * 4:(rank + 1) * 4] for t in batch)
+        train_two_steps(net, method, half)
+        torch.save(model.state_dict(), Path(out) / f"model{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_on_the_global_batch(grounding_shards, tmp_path):
+    """Two DDP steps on 2 gloo ranks (4 scenes each) equal one process on the 8: the loss normalisers
+    (positive locations, centerness sum) are averaged over ranks as GLIP does. The backbone's
+    BatchNorm is put in eval mode in both runs, since batch statistics differ by construction."""
+    import torch.multiprocessing as mp
+
+    batch = mapped_batch(grounding_shards)
+    mp.start_processes(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", batch, str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    method = glip_method()
+    torch.manual_seed(0)
+    model = method.build_model().eval()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train_two_steps(model, method, batch)
+    for r in range(2):
+        got = torch.load(tmp_path / f"model{r}.pt")
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {r} {k}: {m}")
+    assert not torch.equal(model.state_dict()["bias0"], initial["bias0"])
