@@ -190,4 +190,4 @@ def test_model_outputs_and_prior_at_initialisation(tokenizer):
     torch.testing.assert_close(out["locations"][:5], grid(4, 4, 16.0)[:5])
     assert (out["ltrb"] > 0).all()
     # scores start near the prior: bias0 = -log((1 - p) / p), cosines scaled by 10 around it
-    assert float(torch.sigmoid(out["logits"]).median()) < 0.1
+    assert float(torch.sigmoid(out["logits"].detach()).median()) < 0.1

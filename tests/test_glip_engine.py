@@ -90,7 +90,7 @@ def test_loss_falls_and_grounding_recall_rises(grounding_shards, tmp_path):
     scenes at the end) beats the untrained model's."""
     from baton.distributed import DistInfo
     from pretrain.config import PretrainConfig
-    from pretrain.glip.evaluation import grounding_recall
+    from pretrain.glip.evaluation import evaluate_glip
     from pretrain.glip.method import GlipMethod
 
     run = tmp_path / "run"
@@ -106,7 +106,7 @@ def test_loss_falls_and_grounding_recall_rises(grounding_shards, tmp_path):
     method = GlipMethod(cfg, DistInfo())
     torch.manual_seed(0)
     untrained = method.build_model().eval()
-    baseline = grounding_recall(untrained, method, torch.device("cpu"))
+    baseline = evaluate_glip(untrained, method, torch.device("cpu"))
     assert baseline["grounding_regions"] > 48
     assert trained > baseline["grounding_r1"] + 0.2, (trained, baseline)
 

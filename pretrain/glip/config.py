@@ -54,3 +54,11 @@ class GlipConfig:
     prior_prob: float = bounded(0.01, gt=0, le=0.5)
     box_loss_weight: float = bounded(2.0, ge=0)
     centerness_loss_weight: float = bounded(1.0, ge=0)
+    # --- zero-shot detection every train.eval_every steps, on eval.shards: the first detection_classes
+    # class names (sorted) among the evaluated scenes' phrases, prompted "name. name. ..." in chunks of
+    # at most max_tokens tokens, mAP by torchmetrics (needs `pip install torchmetrics pycocotools`;
+    # without them only grounding R@1 is logged); 0 disables it
+    detection_classes: int = bounded(64, ge=0)
+    score_threshold: float = bounded(0.05, ge=0, le=1)   # detections kept above this class score ...
+    nms_iou: float = bounded(0.6, gt=0, le=1)            # ... after per-class NMS at this IoU ...
+    max_detections: int = bounded(100, ge=1)             # ... at most this many per image

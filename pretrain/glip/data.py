@@ -94,3 +94,19 @@ class GroundingSample:
         image = decode_image(sample)
         scale = (self.cfg.image_size / image.width, self.cfg.image_size / image.height)
         return (self.resize(image), *self.encode(rec["caption"], rec["regions"], scale))
+
+    def objects(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[str, list[float]]]]:
+        """(uint8 image at glip.image_size, [(phrase, box scaled to it), ...] of every region): what
+        zero-shot detection scores, whatever the caption's length (`pretrain.glip.detection`)."""
+        if "json" not in sample:
+            raise Rejected("bad_json", "no grounding record (key.json)")
+        rec = self.record(sample)
+        image = decode_image(sample)
+        sx, sy = self.cfg.image_size / image.width, self.cfg.image_size / image.height
+        try:
+            found = [(str(r["phrase"]), [float(r["bbox"][0]) * sx, float(r["bbox"][1]) * sy,
+                                         float(r["bbox"][2]) * sx, float(r["bbox"][3]) * sy])
+                     for r in rec["regions"]]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise Rejected("bad_json", f"a region lacks phrase/bbox: {e}") from None
+        return self.resize(image), [(p, b) for p, b in found if b[2] > b[0] and b[3] > b[1]]

@@ -1,4 +1,5 @@
-"""Phrase grounding Recall@1 at IoU >= 0.5 on held-out grounding shards (the Flickr30k protocol's R@1).
+"""Held-out monitoring of GLIP: phrase grounding Recall@1 at IoU >= 0.5 (the Flickr30k protocol's R@1)
+and zero-shot detection mAP (`pretrain.glip.detection`) on `eval.shards`.
 
 For each region of a held-out scene the model is prompted with the scene's caption; the phrase's
 score at a location is the mean alignment probability over the phrase's tokens (GLIP scores a
@@ -41,44 +42,50 @@ def recall_counts(pred: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) 
     return hits, total
 
 
-def iter_eval_samples(method, rank: int, world: int):
-    """This rank's mapped samples of `eval.shards` (the first eval.max_samples, in shard order)."""
+def read_eval_set(method, rank: int, world: int) -> list[tuple[tuple, tuple]]:
+    """This rank's share of the first eval.max_samples of `eval.shards`, in shard order: per scene the
+    mapped grounding row (image normalised) and its (image, [(phrase, box), ...]) for detection."""
     import webdataset as wds
 
-    sample_map = GroundingSample(method.glip, method.tokenizer())   # uint8 images, normalised below
+    sample_map = GroundingSample(method.glip, method.tokenizer())   # uint8 images, normalised here
+    norm = sample_map.batch_normalize
     urls = resolve_sources(method.cfg.eval.shards).urls
     limit = method.cfg.eval.max_samples
+    scenes = []
     for i, raw in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
         if limit is not None and i >= limit:
             break
         if i % world != rank:
             continue
         try:
-            row = sample_map(raw, 0)
+            row, (_, objects) = sample_map(raw, 0), sample_map.objects(raw)
         except Rejected:
             continue
-        yield (sample_map.batch_normalize(row[0][None])[0], *row[1:])
+        image = norm(row[0][None])[0]
+        scenes.append(((image, *row[1:]), (image, objects)))
+    return scenes
 
 
 @torch.no_grad()
-def grounding_recall(model, method, device) -> dict[str, float]:
-    batch_size = method.cfg.eval.batch_size
+def grounding_recall(model, rows: list[tuple], batch_size: int, device) -> dict[str, float]:
+    """Recall@1 over this rank's grounding rows, the counts summed over ranks."""
     hits = total = 0
-    rows: list[tuple] = []
-
-    def flush() -> None:
-        nonlocal hits, total, rows
-        if not rows:
-            return
-        images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*rows))
+    for start in range(0, len(rows), batch_size):
+        images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*rows[start:start + batch_size]))
         out = model(images, ids, mask)
         h, t = recall_counts(top1_boxes(out, pmap), boxes, valid)
-        hits, total, rows = hits + h, total + t, []
-
-    for row in iter_eval_samples(method, method.info.rank, method.info.world_size):
-        rows.append(row)
-        if len(rows) == batch_size:
-            flush()
-    flush()
+        hits, total = hits + h, total + t
     counts = all_reduce_sum(torch.tensor([hits, total], dtype=torch.float64, device=device))
     return {"grounding_r1": float(counts[0] / counts[1].clamp(min=1)), "grounding_regions": float(counts[1])}
+
+
+@torch.no_grad()
+def evaluate_glip(model, method, device) -> dict[str, float]:
+    """Grounding R@1 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot mAP."""
+    scenes = read_eval_set(method, method.info.rank, method.info.world_size)
+    scores = grounding_recall(model, [g for g, _ in scenes], method.cfg.eval.batch_size, device)
+    if method.glip.detection_classes:
+        from pretrain.glip.detection import zero_shot_map
+
+        scores.update(zero_shot_map(model, method, [d for _, d in scenes], device))
+    return scores

@@ -139,15 +139,16 @@ class GlipMethod(PretrainMethod):
         return Path(out)
 
     def evaluate(self, model, step: int) -> dict[str, float]:
-        """Phrase grounding Recall@1 (IoU >= 0.5) on `eval.shards` (pretrain/glip/evaluation.py)."""
+        """Grounding Recall@1 (IoU >= 0.5) and zero-shot detection mAP on `eval.shards`
+        (pretrain/glip/evaluation.py); on every rank (the counts and the metric are reduced)."""
         if not self.cfg.eval.shards:
             return {}
-        from pretrain.glip.evaluation import grounding_recall
+        from pretrain.glip.evaluation import evaluate_glip
 
         m = unwrap(model)
         was = m.training
         m.eval()
         try:
-            return grounding_recall(m, self, self.info.device)
+            return evaluate_glip(m, self, self.info.device)
         finally:
             m.train(was)
