@@ -166,7 +166,8 @@ def test_sample_map_scales_boxes_drops_cut_and_extra_regions(tokenizer):
     regions = [{"bbox": [10, 20, 50, 60], "phrase": "cat face", "tokens_positive": [[0, 8]]},
                {"bbox": [0, 0, 30, 30], "phrase": "words", "tokens_positive": [[44, 49]]},   # cut off at 8 tokens
                {"bbox": [60, 10, 120, 40], "phrase": "rocket", "tokens_positive": [[13, 19]]}]
-    sample = {"__key__": "k", "png": png(128, 64), "json": json.dumps({"caption": caption, "regions": regions}).encode()}
+    record = json.dumps({"caption": caption, "regions": regions}).encode()
+    sample = {"__key__": "k", "png": png(128, 64), "json": record}
     image, ids, mask, boxes, valid, pmap = GroundingSample(cfg, tokenizer)(sample, 0)
     assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
     assert valid.tolist() == [1.0, 1.0]
@@ -191,3 +192,15 @@ def test_model_outputs_and_prior_at_initialisation(tokenizer):
     assert (out["ltrb"] > 0).all()
     # scores start near the prior: bias0 = -log((1 - p) / p), cosines scaled by 10 around it
     assert float(torch.sigmoid(out["logits"].detach()).median()) < 0.1
+
+
+def test_hf_text_encoder_gives_token_features(tokenizer):
+    """glip.text_encoder=hf: the packaged MiniLM itself encodes the caption, one feature per token."""
+    from pretrain.glip.model import GlipModel
+
+    cfg = tiny_glip(text_encoder="hf")
+    model = GlipModel(cfg, len(tokenizer), tokenizer.pad_token_id)
+    assert model.text.width == 384
+    enc = tokenizer(["cat face"], padding="max_length", max_length=16, return_tensors="pt")
+    out = model(torch.randn(1, 3, 64, 64), enc["input_ids"], enc["attention_mask"])
+    assert out["logits"].shape == (1, 16, 16)

@@ -94,7 +94,8 @@ def test_zero_shot_map_of_a_perfect_model_is_one(tokenizer):
     from pretrain.glip.method import GlipMethod
 
     objects = [[("red square", [2, 3, 30, 28])], [("blue circle", [30, 30, 60, 62]), ("red square", [0, 34, 20, 60])],
-               [("green triangle", [10, 10, 50, 40])], [("tiny yellow star", [40, 2, 62, 20]), ("blue circle", [4, 4, 30, 30])]]
+               [("green triangle", [10, 10, 50, 40])],
+               [("tiny yellow star", [40, 2, 62, 20]), ("blue circle", [4, 4, 30, 30])]]
     scenes = []
     for i, objs in enumerate(objects):
         img = torch.zeros(3, 64, 64)

@@ -116,7 +116,6 @@ def test_resume_equals_uninterrupted_and_exports_the_backbone(grounding_shards, 
     handoff whose backbone equals the trained one."""
     from baton.checkpoint import load_checkpoint
     from finetune.model import load_backbone
-    from pretrain.glip.method import GlipMethod
     from pretrain.glip.model import build_backbone
     from pretrain.strategies import full_model_state
 
@@ -132,14 +131,11 @@ def test_resume_equals_uninterrupted_and_exports_the_backbone(grounding_shards, 
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-    from baton.config import load_config
-    from pretrain.config import PretrainConfig
+    from pretrain.export import export
 
-    cfg = load_config(PretrainConfig, None, ["method=glip"])
-    cfg.glip = tiny_glip()
-    out = GlipMethod(cfg, None).export(a, tmp_path / "export")
+    out = export(tmp_path / "cut", tmp_path / "export")   # `baton export`: the glip config from the checkpoint
     backbone, meta = load_backbone(out)
-    assert meta["source"]["method"] == "glip" and meta["library"] == "timm"
+    assert meta["source"]["method"] == "glip" and meta["library"] == "timm" and meta["source"]["step"] == 12
     reference = build_backbone(tiny_glip())
     reference.load_state_dict({k[len("backbone."):]: v for k, v in a.items() if k.startswith("backbone.")})
     x = torch.randn(2, 3, 64, 64)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
-
 import webdataset as wds
 from PIL import Image
 

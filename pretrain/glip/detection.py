@@ -111,7 +111,8 @@ def zero_shot_map(model, method, scenes: list[tuple[torch.Tensor, list]], device
     for start in range(0, len(scenes), batch):
         rows = scenes[start:start + batch]
         images = torch.stack([img for img, _ in rows]).to(device)
-        preds = [{k: v.cpu() for k, v in d.items()} for d in detect_classes(model, images, names, method.tokenizer(), cfg)]
+        found = detect_classes(model, images, names, method.tokenizer(), cfg)
+        preds = [{k: v.cpu() for k, v in d.items()} for d in found]
         targets = []
         for _, objs in rows:
             kept = [(index[p], b) for p, b in objs if p in index]

@@ -71,7 +71,8 @@ def grounding_recall(model, rows: list[tuple], batch_size: int, device) -> dict[
     """Recall@1 over this rank's grounding rows, the counts summed over ranks."""
     hits = total = 0
     for start in range(0, len(rows), batch_size):
-        images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*rows[start:start + batch_size]))
+        chunk = rows[start:start + batch_size]
+        images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*chunk))
         out = model(images, ids, mask)
         h, t = recall_counts(top1_boxes(out, pmap), boxes, valid)
         hits, total = hits + h, total + t

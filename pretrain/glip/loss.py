@@ -63,8 +63,9 @@ def boxes_of(locations: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
 
 def centerness_of(ltrb: torch.Tensor) -> torch.Tensor:
     lr, tb = ltrb[..., [0, 2]].clamp(min=0), ltrb[..., [1, 3]].clamp(min=0)
-    ratio = (lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6)) * (tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6))
-    return ratio.sqrt()
+    ratio_x = lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6)
+    ratio_y = tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6)
+    return (ratio_x * ratio_y).sqrt()
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
