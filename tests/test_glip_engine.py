@@ -85,18 +85,23 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_falls_and_grounding_recall_rises(grounding_shards, tmp_path):
-    """40 steps over 48 scenes: the logged loss falls and grounding R@1 (evaluated on the same
-    scenes at the end) beats the untrained model's."""
+@pytest.fixture(scope="module")
+def trained_run(grounding_shards, tmp_path_factory) -> Path:
+    """40 steps over the 48 scenes, evaluated on them at the end."""
+    run = tmp_path_factory.mktemp("glip_run") / "run"
+    assert run_engine(grounding_shards, run, "train.epochs=7", "train.max_steps=40", "train.eval_every=40",
+                      f"eval.shards={grounding_shards}", "eval.batch_size=16") == 0
+    return run
+
+
+def test_loss_falls_and_grounding_recall_rises(grounding_shards, trained_run):
+    """The logged loss falls and grounding R@1 beats the untrained model's."""
     from baton.distributed import DistInfo
     from pretrain.config import PretrainConfig
     from pretrain.glip.evaluation import evaluate_glip
     from pretrain.glip.method import GlipMethod
 
-    run = tmp_path / "run"
-    assert run_engine(grounding_shards, run, "train.epochs=7", "train.max_steps=40", "train.eval_every=40",
-                      f"eval.shards={grounding_shards}", "eval.batch_size=16") == 0
-    rows = metrics(run)
+    rows = metrics(trained_run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:2]) / 2, losses
     trained = [r["grounding_r1"] for r in rows if "grounding_r1" in r][-1]
@@ -109,6 +114,37 @@ def test_loss_falls_and_grounding_recall_rises(grounding_shards, tmp_path):
     baseline = evaluate_glip(untrained, method, torch.device("cpu"))
     assert baseline["grounding_regions"] > 48
     assert trained > baseline["grounding_r1"] + 0.2, (trained, baseline)
+
+
+def test_ground_prints_and_draws_each_phrase(grounding_shards, trained_run, tmp_path, capsys):
+    """`baton ground RUN IMAGE "a. b"` on training scenes: one line per phrase, a picture of the image's
+    size, and boxes on the named shapes for most phrases (IoU >= 0.5 with the annotation)."""
+    import webdataset as wds
+    from torchvision.ops import box_iou
+
+    from baton.cli import main as baton_main
+    from pretrain.glip.ground import ground, load_run, phrases_of
+
+    assert phrases_of(" red square. blue circle ,x") == [("red square", [1, 11]), ("blue circle", [13, 24]),
+                                                          ("x", [26, 27])]
+    method, model = load_run(trained_run)
+    hits = total = 0
+    for raw in list(wds.WebDataset([str(grounding_shards / "shard-000000.tar")], shardshuffle=False))[:12]:
+        rec = json.loads(raw["json"])
+        image = Image.open(io.BytesIO(raw["png"]))
+        found = ground(method, model, image, ". ".join(r["phrase"] for r in rec["regions"]))
+        for f, r in zip(found, rec["regions"]):
+            assert f["phrase"] == r["phrase"]
+            hits += float(box_iou(torch.tensor([f["box"]]), torch.tensor([r["bbox"]], dtype=torch.float))) >= 0.5
+            total += 1
+    assert hits / total >= 0.5, (hits, total)
+    image_path = tmp_path / "scene.png"
+    image_path.write_bytes(raw["png"])
+    prompt = ". ".join(r["phrase"] for r in rec["regions"])
+    assert baton_main(["ground", str(trained_run), str(image_path), prompt, "--out", str(tmp_path / "drawn.png")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed[:-1]] == [r["phrase"] for r in rec["regions"]]
+    assert Image.open(tmp_path / "drawn.png").size == image.size
 
 
 def test_resume_equals_uninterrupted_and_exports_the_backbone(grounding_shards, tmp_path):
