@@ -119,7 +119,7 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     resume: Optional[str] = None        # null: a fresh run (refuses a used run_dir) | latest | a checkpoint path
-    # What is learned (pretrain/methods.py): clip | dino; its keys are the section of the same name
+    # What is learned (pretrain/methods.py): clip | dino | glip; its keys are the section of the same name
     method: str = "clip"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -25,6 +25,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "clip": MethodSpec("pretrain.clip.method:ClipMethod", "pretrain.clip.config:ClipConfig"),
     "dino": MethodSpec("pretrain.dino.method:DinoMethod", "pretrain.dino.config:DinoConfig"),
+    "glip": MethodSpec("pretrain.glip.method:GlipMethod", "pretrain.glip.config:GlipConfig"),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_prep.sources import emoji, folder, img2dataset, table
+from data_prep.sources import emoji, folder, grounding_emoji, img2dataset, odvg, table
 
-MODULES: tuple[ModuleType, ...] = (emoji, folder, table, img2dataset)
+MODULES: tuple[ModuleType, ...] = (emoji, folder, table, img2dataset, grounding_emoji, odvg)
 SOURCES: dict[str, ModuleType] = {name: m for m in MODULES for name in (m.NAME, *getattr(m, "ALIASES", ()))}
