@@ -80,23 +80,36 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _section_doc(cls: type) -> str:
+    """The first line of a section dataclass's own docstring ("" for dataclass's generated one)."""
+    doc = inspect.getdoc(cls) or ""
+    return "" if doc.startswith(cls.__name__ + "(") else doc.split("\n")[0]
+
+
 def config_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, default as typed on the command line, comment, section doc) for every leaf."""
+    """(dotted key, default as typed on the command line, comment, section doc) for every leaf.
+    A schema with a `CHOSEN_SECTION` (baton.config) lists every choice's section after its own keys,
+    each marked with the choice that reads it."""
     rows = []
     comments = field_comments(schema)
     for f in dataclasses.fields(schema):
         value = _default(f)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
-            doc = inspect.getdoc(type(value)) or ""
-            doc = "" if doc.startswith(type(value).__name__ + "(") else doc.split("\n")[0]  # auto docstring
-            rows.append((key, "", comments.get(f.name, "") or doc, "section"))
+            rows.append((key, "", comments.get(f.name, "") or f.metadata.get("help", "") or
+                         _section_doc(type(value)), "section"))
             rows.extend(config_keys(type(value), key + "."))
         else:
             bounds = " and ".join(f"{op} {f.metadata[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
                                   if f.metadata.get(k) is not None)
             comment = " ".join(filter(None, [comments.get(f.name, ""), f"({bounds})" if bounds else ""]))
             rows.append((key, _show(value), comment, ""))
+    chosen = getattr(schema, "CHOSEN_SECTION", None)
+    if chosen is not None and getattr(schema, "CHOSEN_NAME", None) is None:  # not yet a concrete schema
+        for name, section in chosen.sections().items():
+            doc = " ".join(filter(None, [f"(used when {chosen.key}={name})", _section_doc(section)]))
+            rows.append((prefix + name, "", doc, "section"))
+            rows.extend(config_keys(section, f"{prefix}{name}."))
     return rows
 
 

@@ -11,10 +11,18 @@ A YAML recipe may start from another one: `base: demo_softtriple.yaml` (a path r
 recipe's own folder) merges that file first and this one on top, so a variant states only what
 it changes (dinov2's and mmcv's config inheritance, one level of syntax: a file, not a list).
 
-A schema may declare two class attributes: `RENAMED_KEYS` ({old dotted key: new dotted key}), so
-recipes and command lines written before a key moved keep working (the value is read as the new
-key, with a warning), and a `validate()` method, run on the loaded config, for checks a field's
-type cannot express (a loss's arguments against its constructor). A `Dict[str, Any]` field is an
+A schema may declare, so that recipes, command lines and checkpoints written before a key moved
+keep working (each read the new way, with a warning naming the new spelling):
+- `RENAMED_KEYS` ({old dotted key: new dotted key}); a key may name a whole section, and then its
+  sub-keys on the command line move with it (`model.name=...` -> `clip.name=...`);
+- `DROPPED_KEYS` ({old dotted key: why it is no longer read}): removed, with the reason;
+- `RENAMED_VALUES` ({dotted key: {old value: new value}}): an old way of spelling a value
+  (`optim.grad_clip: 0` for "off", now `null`);
+- `CHOSEN_SECTION` (a `ChosenSection`): one key names a choice (`method: dino`) and the section of
+  the same name (`dino:`) is typed by that choice's own dataclass, looked up in its registry; the
+  loaded config is an instance of `concrete_schema(schema, choice)`, a subclass with that field;
+- a `validate()` method, run on the loaded config, for checks a field's type cannot express (a
+  loss's arguments against its constructor). A `Dict[str, Any]` field is an
 open section (any key), and an override `key={...}` replaces such a section instead of merging
 into it, so `loss.kwargs={}` clears arguments a recipe set for another loss.
 """
@@ -23,14 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
+import functools
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from baton.compat import config_child, is_free_mapping
+from baton.config_upgrade import rename_keys, upgrade_node, upgrade_override  # noqa: F401 (rename_keys: API)
 from baton.errors import BatonError
 
 T = TypeVar("T")
@@ -144,54 +153,139 @@ def _open_dict_sections(node: DictConfig) -> None:
                 _open_dict_sections(child)
 
 
-_MISSING = object()
+@dataclasses.dataclass(frozen=True)
+class ChosenSection:
+    """A config key naming a choice whose own section has the choice's name and dataclass, e.g.
+    `method: dino` + `dino: {...}` (`DinoConfig`): each choice owns its keys, and adding one touches
+    its registry only, not the engine's schema."""
+    key: str                                  # the top-level key naming the choice: "method"
+    sections: Callable[[], Mapping[str, type]]  # {choice: its section's dataclass}, read when needed
+    # Top-level sections of the layout before the choice owned them: {old section: the choice it
+    # belonged to}. With that choice it is read as the choice's section; with another, left out
+    # (it was not read then either). Both with a warning naming the new key.
+    old_sections: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
-def rename_keys(node: Any, renamed: dict[str, str], source: str, warn: bool = True) -> None:
-    """Move each old key of `renamed` present in `node` to its new key (in place), with a warning;
-    a node that sets both spellings is refused, as neither can win silently."""
-    if not OmegaConf.is_dict(node):
-        return
-    for old, new in renamed.items():
-        value = OmegaConf.select(node, old, default=_MISSING)
-        if value is _MISSING:
+def _choice_default(schema: Any, key: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(schema)}.get(key)
+
+
+def chosen_name(schema: Any, node: Any, overrides: Sequence[str]) -> str | None:
+    """The choice a recipe node plus overrides make (the last `key=` override wins), or None when
+    `schema` has no CHOSEN_SECTION."""
+    chosen: ChosenSection | None = getattr(schema, "CHOSEN_SECTION", None)
+    if chosen is None:
+        return None
+    value = _choice_default(schema, chosen.key)
+    if OmegaConf.is_dict(node) and chosen.key in node:
+        value = node[chosen.key]
+    for item in overrides:
+        key, _, _ = item.partition("=")
+        if key == chosen.key:
+            value = OmegaConf.from_dotlist([item])[chosen.key]
+    return value
+
+
+def schema_for_node(schema: Any, node: Any, overrides: Sequence[str]) -> Any:
+    """The schema a config with this recipe node and overrides is an instance of: `schema` itself,
+    or its concrete subclass for the choice they make (see `ChosenSection`)."""
+    name = chosen_name(schema, node, overrides)
+    if name is None:
+        return schema
+    if not isinstance(name, str):
+        raise BatonError(f"config key `{schema.CHOSEN_SECTION.key}` must be a name, not {name!r}")
+    return concrete_schema(schema, name)
+
+
+@functools.lru_cache(maxsize=None)
+def concrete_schema(schema: Any, name: str) -> Any:
+    """`schema` with the field NAME typed by the choice's section dataclass (and the renames that
+    read its old layout), or a BatonError listing the known choices."""
+    chosen: ChosenSection = schema.CHOSEN_SECTION
+    sections = chosen.sections()
+    if name not in sections:
+        raise BatonError(f"unknown {chosen.key} {name!r} (config key `{chosen.key}`); known: {', '.join(sections)}")
+    if name in {f.name for f in dataclasses.fields(schema)}:
+        raise BatonError(f"{chosen.key} '{name}' is also a config key of {schema.__name__}: rename the {chosen.key}")
+    section = sections[name]
+    renamed = dict(getattr(schema, "RENAMED_KEYS", {}))
+    dropped = dict(getattr(schema, "DROPPED_KEYS", {}))
+    unread: dict[str, type] = {}   # old sections of other choices: checked, then left out
+    for old, owner in chosen.old_sections.items():
+        if owner == name and old != name:
+            renamed[old] = name
+        elif owner != name:
+            dropped[old] = f"it is the section of {chosen.key}={owner} (now spelled '{owner}:'), not read by {name}"
+            unread[old] = sections[owner]
+    field = dataclasses.field(default_factory=section, metadata={"help": f"used when {chosen.key}={name}"})
+    cls = dataclasses.make_dataclass(schema.__name__, [(name, section, field)], bases=(schema,),
+                                     namespace={"RENAMED_KEYS": renamed, "DROPPED_KEYS": dropped,
+                                                "UNREAD_SECTIONS": unread, "CHOSEN_NAME": name,
+                                                "__reduce__": _reduce_concrete})
+    cls.__module__ = schema.__module__
+    cls.__qualname__ = f"{schema.__qualname__}[{name}]"
+    return cls
+
+
+def concrete_config(schema: Any, name: str, **values: Any) -> Any:
+    """An instance of `schema` for the choice `name` (`ChosenSection`), built in code (tests, tools)."""
+    return concrete_schema(schema, name)(**{schema.CHOSEN_SECTION.key: name, **values})
+
+
+def _reduce_concrete(self: Any) -> tuple:
+    """Pickle a concrete config by (base schema, choice, fields): its class is made at run time, so
+    it cannot be found by name in another process."""
+    return (_rebuild_concrete, (type(self).__mro__[1], self.CHOSEN_NAME, dict(self.__dict__)))
+
+
+def _rebuild_concrete(base: Any, name: str, state: dict) -> Any:
+    obj = object.__new__(concrete_schema(base, name))
+    obj.__dict__.update(state)
+    return obj
+
+
+def check_unread_sections(schema: Any, node: Any, overrides: Sequence[str], source: str) -> None:
+    """The old-layout sections the chosen method does not read (`dino:` in a CLIP config: every
+    config used to have one) are still checked against their own dataclass before they are left
+    out, as they were when every config held them: a misspelt key or a bad value is refused."""
+    for old, section in getattr(schema, "UNREAD_SECTIONS", {}).items():
+        nodes = [OmegaConf.create({old: node[old]})] if OmegaConf.is_dict(node) and old in node else []
+        nodes += [OmegaConf.from_dotlist([item]) for item in overrides if item.startswith(old + ".")]
+        if not nodes:
             continue
-        if OmegaConf.select(node, new, default=_MISSING) is not _MISSING:
-            raise BatonError(f"{source}: sets both '{old}' and '{new}'; '{old}' is the old spelling of "
-                             f"'{new}': keep only '{new}'")
-        parent, _, leaf = old.rpartition(".")
-        (OmegaConf.select(node, parent) if parent else node).pop(leaf)
-        OmegaConf.update(node, new, value, force_add=True)
-        if warn:
-            logging.getLogger("baton").warning("%s: config key '%s' is now spelled '%s' (read as that)",
-                                               source, old, new)
+        holder = dataclasses.make_dataclass("UnreadSection", [(old, section, dataclasses.field(default_factory=section))])
+        base = OmegaConf.structured(holder)
+        OmegaConf.set_struct(base, True)
+        try:
+            check_ranges(OmegaConf.to_object(OmegaConf.merge(base, *nodes)))
+        except OmegaConfBaseException as e:
+            raise explain_config_error(holder, e, source) from None
 
 
 def load_config(schema: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
+    for item in overrides:
+        if "=" not in item:
+            raise BatonError(f"override '{item}' is not of the form key=value")
+    file_cfg = read_recipe(Path(path)) if path is not None else None
+    schema = schema_for_node(schema, file_cfg, overrides)
+    check_unread_sections(schema, file_cfg, overrides, str(path or "overrides"))
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     _open_dict_sections(base)
-    renamed: dict[str, str] = getattr(schema, "RENAMED_KEYS", {})
     merged = base
-    if path is not None:
-        path = Path(path)
-        file_cfg = read_recipe(path)
-        rename_keys(file_cfg, renamed, str(path))
+    if file_cfg is not None:
+        upgrade_node(schema, file_cfg, str(path))
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as e:
             raise explain_config_error(schema, e, str(path)) from None
     for item in overrides:
-        if "=" not in item:
-            raise BatonError(f"override '{item}' is not of the form key=value")
+        item = upgrade_override(schema, item)
+        if item is None:
+            continue
         key, _, value = item.partition("=")
-        if key in renamed:
-            logging.getLogger("baton").warning("override '%s': config key '%s' is now spelled '%s' "
-                                               "(read as that)", item, key, renamed[key])
-            key = renamed[key]
-            item = f"{key}={value}"
         try:
             parsed = OmegaConf.from_dotlist([item])
             section = OmegaConf.select(merged, key, default=None)
@@ -220,13 +314,18 @@ def to_yaml(cfg: Any) -> str:
 
 
 def from_yaml(schema: type[T], text: str) -> T:
-    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(text))
+    """A config written by `to_yaml` (a run's config.yaml, a checkpoint's `config`), also one written
+    before keys moved: old keys are read as their new spelling, silently (the user wrote none of it)."""
+    node = OmegaConf.create(text)
+    schema = schema_for_node(schema, node, [])
+    upgrade_node(schema, node, "saved config", warn=False)
+    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 # Keys whose change between an interrupted run and its resumption does not alter the trajectory.
 RESUME_NEUTRAL_KEYS = ("resume", "train.stop_after_steps", "train.log_every", "train.checkpoint_every",
-                       "train.keep_last", "train.keep_checkpoints", "train.tensorboard", "train.eval_at_end")
+                       "train.keep_last", "train.tensorboard", "train.eval_at_end")
 
 
 def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTRAL_KEYS) -> list[str]:
@@ -244,7 +343,7 @@ def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTR
         return {prefix[:-1]: node}
 
     saved = OmegaConf.create(old_yaml)
-    rename_keys(saved, getattr(type(cfg), "RENAMED_KEYS", {}), "saved config", warn=False)
+    upgrade_node(type(cfg), saved, "saved config", warn=False)
     old = flat(OmegaConf.to_container(saved))
     new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     # Keys the saved config lacks are schema additions since that run, not the user's changes.

@@ -13,6 +13,7 @@ _COMMANDS = {  # name -> ("module:function" taking argv, one-line help)
     "shards": ("data_prep.cli:main", "write WebDataset shards from folders, CSV/TSV or the emoji designs"),
     "pretrain": ("pretrain.train:main", "pretrain CLIP on shards: baton pretrain CONFIG [key=value ...]"),
     "export": ("pretrain.export:main", "export a pretrain checkpoint as a backbone: baton export CHECKPOINT OUT"),
+    "ground": ("pretrain.glip.ground:main", 'boxes of a prompt\'s phrases from a glip run: baton ground RUN IMAGE "prompt"'),
     "finetune": ("finetune.train:main", "finetune a backbone with a DML loss: baton finetune CONFIG [key=value ...]"),
     "evaluate": ("finetune.evaluate_cli:main", "retrieval metrics of a backbone on held-out classes"),
     "report": ("finetune.report:main", "collect the demo's metrics and plots into report.md"),

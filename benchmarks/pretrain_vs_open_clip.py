@@ -149,7 +149,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_pretrain_"))
     model_dir = work / "open_clip_model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config_dict(cfg.model),
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config_dict(cfg.clip),
                                                                  "preprocess_cfg": {}}))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     results: dict[str, list[dict]] = {"baton": [], "open_clip_train": []}

@@ -29,7 +29,7 @@ RECIPES = {
     "demo": [],
     "cosine": ["optim.schedule=cosine"],
     "previous": ["data.m_per_class=2", "data.crop_scale_min=0.7", "data.crop_padding=0", "loss.kwargs.tau=0.2",
-                 "optim.weight_decay=1e-4", "optim.schedule=cosine", "optim.warmup=20"],
+                 "optim.weight_decay=1e-4", "optim.schedule=cosine", "optim.warmup_steps=20"],
 }
 
 

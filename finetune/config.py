@@ -83,9 +83,9 @@ class OptimConfig:
     loss_lr: float = bounded(1e-2, ge=0)           # loss parameters (SoftTriple centres, pml proxies; the paper uses a much larger rate)
     weight_decay: float = bounded(1e-4, ge=0)
     eps: float = bounded(1e-2, gt=0)               # Adam epsilon, as in the SoftTriple code
-    warmup: int = bounded(0, ge=0)                 # linear warmup steps, then cosine decay to 0
+    warmup_steps: int = bounded(0, ge=0)           # linear warm-up steps, then cosine decay to 0
     schedule: str = "cosine"        # cosine | constant
-    grad_clip: float = bounded(0.0, ge=0)          # max grad norm; 0 = off
+    grad_clip: Optional[float] = bounded(None, gt=0)   # max grad norm; null: off
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TrainConfig:
     epochs: int = bounded(5, ge=1)
     steps_per_epoch: int = bounded(0, ge=0)        # 0 = len(train set) // batch_size
     checkpoint_every: int = bounded(0, ge=0)       # steps; 0 = at the end of every epoch
-    keep_checkpoints: int = bounded(2, ge=0)
+    keep_last: int = bounded(2, ge=0)              # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
@@ -103,14 +103,21 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    # The loss keys before loss.kwargs / miner: recipes and command lines using them still run.
+    # Old spellings, still read (with a warning naming the new one): the loss keys before
+    # loss.kwargs / miner, and the keys pretraining spells otherwise (one name per meaning in every
+    # stage: pretraining's, docs/architecture.md "Config keys").
     RENAMED_KEYS: ClassVar[Dict[str, str]] = {
         **{f"loss.{k}": f"loss.kwargs.{k}" for k in ("centers_per_class", "la", "gamma", "tau", "margin")},
-        "loss.miner": "miner.name"}
+        "loss.miner": "miner.name",
+        "optim.warmup": "optim.warmup_steps",
+        "train.keep_checkpoints": "train.keep_last"}
+    RENAMED_VALUES: ClassVar[Dict[str, Dict[Any, Any]]] = {
+        "optim.grad_clip": {0: None},   # 0 was "off"
+        "resume": {"": None}}           # "" was "a fresh run"
 
     run_dir: str = "runs/finetune"
     seed: int = 0
-    resume: str = ""                # "" = fresh (refuses a run_dir with checkpoints), latest, or a checkpoint path
+    resume: Optional[str] = None    # null: a fresh run (refuses a used run_dir) | latest | a checkpoint path
     # handoff directory (baton export) | timm:NAME (pretrained timm weights) | open_clip:NAME@TAG
     # (released open_clip weights) | open_clip:NAME@FILE or open_clip:CONFIG.json@FILE (an
     # open_clip_train epoch_N.pt) | open_clip:local-dir:DIR | random:DIR (DIR's architecture,

@@ -85,7 +85,7 @@ def _check(cfg: FinetuneConfig, n_classes: int) -> None:
 
 
 def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
-    if cfg.resume == "":
+    if cfg.resume is None:
         refuse_used_run_dir(ckpt_root)
         return None
     if cfg.resume == "latest":
@@ -168,7 +168,7 @@ def run(cfg: FinetuneConfig) -> dict:
         state = {"model": model.state_dict(), "loss": criterion.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
-                        keep_last=cfg.train.keep_checkpoints)
+                        keep_last=cfg.train.keep_last)
 
     bar = progress_bar(total, "finetune", initial=step)
     redirect = logs_above_bar(log)  # log lines print above the bar; left in the finally below
@@ -181,7 +181,7 @@ def run(cfg: FinetuneConfig) -> dict:
                       for j, i in enumerate(b)] for s, b in enumerate(batches)][first:]
             loader = DataLoader(dataset, batch_sampler=keyed, num_workers=cfg.data.workers)
             for x, y in loader:
-                factor = lr_factor(step, total, o.warmup, o.schedule)
+                factor = lr_factor(step, total, o.warmup_steps, o.schedule)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 emb = model(x.to(device))
@@ -197,7 +197,7 @@ def run(cfg: FinetuneConfig) -> dict:
                                      f"optim.loss_lr or loss.kwargs.la and continue with resume=latest")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if o.grad_clip > 0:
+                if o.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 optimizer.step()
                 step += 1

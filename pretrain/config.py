@@ -2,15 +2,23 @@
 
 Every key has a default so a YAML file only states what differs; the fully resolved config is
 written to `run_dir/config.yaml` and stored in each checkpoint.
+
+These are the engine's keys. What is learned is the `method`, and each method owns its section,
+spelled with its name: `method: clip` reads `clip:` (`pretrain/clip/config.py`), `method: dino`
+reads `dino:` (`pretrain/dino/config.py`); `pretrain/methods.py` registers both. A loaded config
+is an instance of `baton.config.concrete_schema(PretrainConfig, method)`, which has that field;
+`cfg.method_section` is it. Configs of the layout before (a top-level CLIP `model:` section and a
+`dino:` section in every config) are still read: `model:` as `clip:` with a warning, and the
+section the chosen method does not read left out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
-from baton.config import bounded
-from pretrain.dino.config import DinoConfig
+from baton.config import ChosenSection, bounded
+from pretrain.methods import method_sections
 
 
 @dataclass
@@ -46,29 +54,13 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "ViT-B-16"                    # open_clip model name, or a label when `config` is set
-    # An open_clip model config dict (embed_dim, vision_cfg, text_cfg); when set it is built instead
-    # of a named model. Typed Any (None by default: a named model) so the YAML gives the whole dict.
-    config: Any = None
-    pretrained: Optional[str] = None          # open_clip pretrained tag (named models) or checkpoint file
-    # LiT: freeze the text tower (open_clip_train's --lock-text, --lock-text-unlocked-layers,
-    # --lock-text-freeze-layer-norm); a wholly locked HF tower's features are cached per caption
-    # (lock_text_cache distinct captions; 0: recomputed every step). pretrain/clip/locked_text.py
-    lock_text: bool = False
-    lock_text_unlocked_layers: int = bounded(0, ge=0)
-    lock_text_freeze_layer_norm: bool = True
-    lock_text_cache: int = bounded(200_000, ge=0)
-
-
-@dataclass
 class OptimConfig:
     lr: float = bounded(5e-4, gt=0)
     weight_decay: float = bounded(0.2, ge=0)           # not applied to norms, biases, embeddings, logit_scale
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = bounded(1e-6, gt=0)
-    warmup_steps: int = bounded(100, ge=0)             # linear warm-up, then cosine decay to 0
-    grad_clip: Optional[float] = bounded(1.0, gt=0)    # max global grad norm; None disables
+    warmup_steps: int = bounded(100, ge=0)             # linear warm-up steps, then cosine decay to 0
+    grad_clip: Optional[float] = bounded(1.0, gt=0)    # max global grad norm; null: off
 
 
 @dataclass
@@ -119,13 +111,29 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
+    # `method: NAME` types the section NAME: by the method's own dataclass. The old layout's
+    # sections: `model:` was CLIP's, `dino:` DINO's.
+    CHOSEN_SECTION: ClassVar[ChosenSection] = ChosenSection("method", method_sections,
+                                                            old_sections={"model": "clip", "dino": "dino"})
+
     run_dir: str = "runs/pretrain"
     seed: int = 0
-    resume: Optional[str] = None        # None | "latest" | a checkpoint path
-    method: str = "clip"                # what is learned (pretrain/method.py METHODS): clip | dino
+    resume: Optional[str] = None        # null: a fresh run (refuses a used run_dir) | latest | a checkpoint path
+    # What is learned (pretrain/methods.py): clip | dino | glip; its keys are the section of the same name
+    method: str = "clip"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)  # used when method=dino
+
+    @property
+    def method_section(self) -> Any:
+        """The chosen method's own config section (`cfg.clip` when method=clip, ...)."""
+        return getattr(self, self.method)
+
+
+def pretrain_config(method: str = "clip", **values: Any) -> PretrainConfig:
+    """A PretrainConfig for `method` built in code, e.g. pretrain_config(clip=ClipConfig(name=...))."""
+    from baton.config import concrete_config
+
+    return concrete_config(PretrainConfig, method, **values)

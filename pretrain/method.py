@@ -4,7 +4,8 @@ The engine (`pretrain/train.py`) and the strategies (`pretrain/strategies/`) kno
 CLIP or DINO; a *method* object does. It builds the one module that is trained and checkpointed,
 turns raw shard samples into tensors, computes the loss through the strategy-wrapped module,
 does whatever must follow an optimiser step (a clamp, an EMA teacher update) and writes the
-handoff from a checkpoint's full state dict. The config key `method` picks one from `METHODS`.
+handoff from a checkpoint's full state dict. The config key `method` picks one from
+`pretrain.methods.METHODS`, which also names each method's config section (`cfg.method_section`).
 
 Per step the loop calls: adjust_optimizer -> loss (per micro-batch; backward through the
 strategy) -> clip -> optimiser step -> after_step -> (maybe) evaluate / checkpoint / stop check.
@@ -19,19 +20,11 @@ import torch
 from torch import nn
 
 from baton.distributed import DistInfo
-from baton.registry import Registry
 from pretrain.data.uint8_images import BatchNormalize, hands_over_uint8
 
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
     from pretrain.data import SampleMap
-
-# method name -> "module:Class", imported only when chosen.
-METHODS = Registry("method", {
-    "clip": "pretrain.clip.method:ClipMethod",
-    "dino": "pretrain.dino.method:DinoMethod",
-})
-
 
 class PretrainMethod:
     """Base class: the defaults are "nothing to do"; a method overrides what it needs."""
@@ -100,14 +93,20 @@ class PretrainMethod:
         """Write the handoff (`baton.handoff.write_handoff`) from a checkpoint's FULL model state dict."""
         raise NotImplementedError
 
+    def model_label(self) -> str:
+        """What the checkpoint's meta records as its `model` (an architecture name)."""
+        return self.name
+
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Monitoring every `train.eval_every` steps, on every rank (may use collectives)."""
         return {}
 
 
 def method_class(name: str) -> type[PretrainMethod]:
-    """The method class `method` names (its module imported now), or a BatonError listing them."""
-    return METHODS[name]
+    """The class of method `name` (`pretrain.methods.METHODS`), or a BatonError listing the known ones."""
+    from pretrain.methods import load_attr, method_spec
+
+    return load_attr(method_spec(name).method)
 
 
 def build_method(cfg: "PretrainConfig", info: DistInfo) -> PretrainMethod:

@@ -172,7 +172,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                      "loader": {"ranks": ranks, "skipped": dict(skipped)}}
             publish_step_dir(ckpt_root, step, state, keep_last=cfg.train.keep_last,
                              meta={"epoch": epoch, "method": method.name, "strategy": strategy.name,
-                                   "model": cfg.model.name})
+                                   "model": method.model_label()})
         barrier()
 
     batches = forever(loader)

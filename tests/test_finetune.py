@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 def overrides(root: Path, handoff: Path, run: str, *extra: str) -> list[str]:
     return [f"run_dir={root / run}", f"backbone={handoff}", "data.source=shards", f"data.root={root / 'data'}",
             "data.batch_size=16", "data.m_per_class=4", "model.embedding_dim=16", "loss.centers_per_class=2",
-            "optim.lr=1e-3", "optim.head_lr=3e-3", "optim.loss_lr=3e-2", "optim.warmup=2",
+            "optim.lr=1e-3", "optim.head_lr=3e-3", "optim.loss_lr=3e-2", "optim.warmup_steps=2",
             "train.steps_per_epoch=8", "train.log_every=2", "train.tensorboard=false", *extra]
 
 

@@ -190,11 +190,12 @@ def _tiny_pretrain_checkpoint(root: Path) -> tuple[Path, torch.nn.Module]:
     from baton.checkpoint import save_checkpoint
     from baton.config import to_yaml
     from pretrain.clip.model import build_clip
-    from pretrain.config import ModelConfig, PretrainConfig
+    from pretrain.clip.config import ClipConfig
+    from pretrain.config import pretrain_config
 
-    cfg = PretrainConfig(model=ModelConfig(name="test-tiny", config=TINY))
+    cfg = pretrain_config(clip=ClipConfig(name="test-tiny", config=TINY))
     torch.manual_seed(3)
-    model = build_clip(cfg.model)
+    model = build_clip(cfg.clip)
     with torch.no_grad():
         model.logit_scale.fill_(2.0)
     save_checkpoint(root / "checkpoints", 5, {"model": model.state_dict(), "config": to_yaml(cfg), "step": 5},
@@ -210,7 +211,7 @@ def test_export_writes_the_text_tower_and_zero_shot_uses_it(tmp_path):
     from finetune.model import build_transform
     from pretrain.backbones import load_backbone
     from pretrain.clip.model import build_tokenizer
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
     from pretrain.export import export
 
     run, model = _tiny_pretrain_checkpoint(tmp_path / "run")
@@ -218,7 +219,7 @@ def test_export_writes_the_text_tower_and_zero_shot_uses_it(tmp_path):
     meta = json.loads((out / "backbone.json").read_text())
     assert meta["text"]["weights"] == "text_tower.safetensors" and meta["text"]["context_length"] == 16
     load_backbone(out)  # the image handoff reads as before
-    tok = build_tokenizer(ModelConfig(config=TINY))
+    tok = build_tokenizer(ClipConfig(config=TINY))
     names = ["red circle", "blue square", "green star"]
     with torch.no_grad():
         want_text = model.encode_text(tok([f"a photo of a {n}" for n in names]))

@@ -23,11 +23,11 @@ LIT_MODEL = {
 
 
 def model_config(**overrides):
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
 
     cfg = copy.deepcopy(LIT_MODEL)
     cfg.update(overrides)
-    return ModelConfig(**cfg)
+    return ClipConfig(**cfg)
 
 
 def test_locked_hf_text_tower_is_frozen_cached_and_equal_to_the_uncached_tower():
@@ -78,14 +78,14 @@ def test_lock_text_cache_is_bounded_and_can_be_switched_off():
 def test_lock_keys_without_lock_text_are_refused():
     from pretrain.clip.model import build_clip
 
-    with pytest.raises(BatonError, match="need model.lock_text=true"):
+    with pytest.raises(BatonError, match="need clip.lock_text=true"):
         build_clip(model_config(lock_text=False, lock_text_unlocked_layers=2))
 
 
 @pytest.mark.slow
 def test_lit_pretraining_trains_exports_and_hands_its_text_tower_on(tmp_path, synthetic_shards):
     run, out = tmp_path / "run", tmp_path / "export"
-    cfg = {"run_dir": str(run), "seed": 0, "model": LIT_MODEL,
+    cfg = {"run_dir": str(run), "seed": 0, "clip": LIT_MODEL,
            "data": {"train_shards": str(synthetic_shards), "batch_size": 8, "workers": 0, "shuffle_buffer": 32},
            "optim": {"lr": 1e-3, "warmup_steps": 2},
            "train": {"epochs": 1, "checkpoint_every": 100, "log_every": 1, "device": "cpu"}}

@@ -1,6 +1,6 @@
 """Starting from open_clip's weights the way its users name them: `backbone=open_clip:...` in
 finetuning (an open_clip_train epoch_N.pt of a custom model config, a local-dir export, released
-NAME@TAG) and `model.pretrained=FILE` in pretraining; offline, released weights fail naming the cache."""
+NAME@TAG) and `clip.pretrained=FILE` in pretraining; offline, released weights fail naming the cache."""
 
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def test_a_baton_export_reads_back_as_open_clip_local_dir(tmp_path):
 
 def test_pretrain_starts_from_an_open_clip_train_checkpoint_of_a_custom_config(tmp_path):
     from pretrain.clip.model import build_clip
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
 
     ckpt, _, model = open_clip_train_run(tmp_path)
-    built = build_clip(ModelConfig(name="custom", config=CUSTOM, pretrained=str(ckpt))).eval()
+    built = build_clip(ClipConfig(name="custom", config=CUSTOM, pretrained=str(ckpt))).eval()
     for k, v in model.state_dict().items():
         assert torch.equal(built.state_dict()[k], v), k
     with pytest.raises(BatonError, match="must be a checkpoint file"):
-        build_clip(ModelConfig(name="custom", config=CUSTOM, pretrained="openai"))
+        build_clip(ClipConfig(name="custom", config=CUSTOM, pretrained="openai"))
 
 
 def test_open_clip_checkpoints_get_the_right_hint(tmp_path):

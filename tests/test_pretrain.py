@@ -28,7 +28,7 @@ TINY_MODEL = {
 
 def write_tiny_config(path: Path, run_dir: Path, shards: str | Path, **sections) -> Path:
     """A YAML config for TINY_MODEL on `shards`; `sections` update data/optim/train keys."""
-    cfg = {"run_dir": str(run_dir), "seed": 0, "model": TINY_MODEL,
+    cfg = {"run_dir": str(run_dir), "seed": 0, "clip": TINY_MODEL,
            "data": {"train_shards": str(shards), "batch_size": 8, "workers": 0, "shuffle_buffer": 32},
            "optim": {"lr": 1e-3, "warmup_steps": 2},
            "train": {"epochs": 1, "checkpoint_every": 100, "log_every": 1, "device": "cpu"}}
@@ -111,9 +111,9 @@ def test_loader_is_deterministic_and_epochs_differ(synthetic_shards):
 
     cfg = load_config(PretrainConfig, overrides=[f"data.train_shards={synthetic_shards}", "data.batch_size=8",
                                                  "data.workers=2", "data.caption=random"])
-    cfg.model.config = TINY_MODEL["config"]
-    pp = preprocess_cfg(build_clip(cfg.model))
-    to_pair = SampleToPair(build_transforms(pp, cfg.data.augment)[0], build_tokenizer(cfg.model), "random")
+    cfg.clip.config = TINY_MODEL["config"]
+    pp = preprocess_cfg(build_clip(cfg.clip))
+    to_pair = SampleToPair(build_transforms(pp, cfg.data.augment)[0], build_tokenizer(cfg.clip), "random")
     shards = resolve_shards(cfg.data.train_shards)
     assert len(shards.urls) == 4 and shards.num_samples == 64
 

@@ -3,6 +3,7 @@ of the project resolving every entry (an entry that points nowhere fails here, n
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from baton.errors import BatonError
-from baton.registry import Registry, UnknownName, all_registries
+from baton.registry import Registry, UnknownName, all_registries, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("baton", "data_prep", "pretrain", "finetune", "slurm")
@@ -79,6 +80,9 @@ def test_every_table_resolves_every_entry():
             except Exception as e:   # noqa: BLE001 - name the entry that points nowhere
                 pytest.fail(f"{table!r}: entry {name!r} -> {entry!r} does not resolve: {type(e).__name__}: {e}")
             assert value is not None or (table.what == "stage" and name == "shards"), (table, name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):   # e.g. a method's MethodSpec: "module:attr" fields
+                for field in dataclasses.fields(value):
+                    assert resolve(getattr(value, field.name)) is not None, (table, name, field.name)
 
 
 def test_the_stage_list_is_one_list():

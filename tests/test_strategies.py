@@ -337,20 +337,21 @@ def _gradient_check(out: Path) -> None:
     from baton.distributed import DistInfo, init_distributed
     from pretrain.clip.method import ClipMethod
     from pretrain.clip.model import build_clip
-    from pretrain.config import ModelConfig, PretrainConfig
+    from pretrain.clip.config import ClipConfig
+    from pretrain.config import pretrain_config
     from test_pretrain import TINY_MODEL
 
     def loss(net, images, texts, info):  # the method's loss: open_clip ClipLoss(local_loss, gather_with_grad)
-        return ClipMethod(PretrainConfig(model=ModelConfig(**TINY_MODEL)), info).loss(net, (images, texts), 0, 1)[0]
+        return ClipMethod(pretrain_config(clip=ClipConfig(**TINY_MODEL)), info).loss(net, (images, texts), 0, 1)[0]
 
     info = init_distributed("cpu")
     torch.manual_seed(0)
-    model = build_clip(ModelConfig(**TINY_MODEL)).double()
+    model = build_clip(ClipConfig(**TINY_MODEL)).double()
     g = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64)
     texts = torch.randint(1, 1000, (8, 16), generator=g)
     half = slice(4 * info.rank, 4 * (info.rank + 1))
-    reference = build_clip(ModelConfig(**TINY_MODEL)).double()
+    reference = build_clip(ClipConfig(**TINY_MODEL)).double()
     reference.load_state_dict(model.state_dict())
     ddp = nn.parallel.DistributedDataParallel(model)  # kept alive: its hooks all-reduce in backward
     loss(ddp, images[half], texts[half], info).backward()

@@ -17,6 +17,8 @@ SOURCES = Registry("data source", {
     "csv": "data_prep.sources.table",
     "parquet": "data_prep.sources.table",
     "img2dataset": "data_prep.sources.img2dataset",
+    "grounding-emoji": "data_prep.sources.grounding_emoji",
+    "odvg": "data_prep.sources.odvg",
 })
 
 

@@ -31,9 +31,9 @@ def build_open_clip(name: str, pretrained: str | None = None, model_config: dict
     """(CLIP model in eval mode, tokenizer): a named open_clip model (weights from `pretrained`,
     a tag or a file) or a literal model config (random init; the tests' tiny models)."""
     from pretrain.clip.model import build_clip, build_tokenizer
-    from pretrain.config import ModelConfig
+    from pretrain.clip.config import ClipConfig
 
-    mcfg = ModelConfig(name=name, config=model_config, pretrained=pretrained)
+    mcfg = ClipConfig(name=name, config=model_config, pretrained=pretrained)
     return build_clip(mcfg).eval(), build_tokenizer(mcfg)
 
 

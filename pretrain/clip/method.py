@@ -46,7 +46,7 @@ class ClipMethod(PretrainMethod):
 
     # ------------------------------------------------------------------ model and data
     def build_model(self) -> nn.Module:
-        model = build_clip(self.cfg.model)
+        model = build_clip(self.cfg.clip)
         size = preprocess_cfg(model)["image_size"]
         if self.cfg.data.image_size not in (None, size):
             raise BatonError(f"data.image_size={self.cfg.data.image_size} but the model takes {size} px; "
@@ -56,7 +56,7 @@ class ClipMethod(PretrainMethod):
     def sample_map(self, model: nn.Module) -> SampleToPair:
         # The transform stops at a uint8 tensor; place_normalization says who normalises it.
         transform, normalize = split_normalize(build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0])
-        return SampleToPair(transform, build_tokenizer(self.cfg.model), self.cfg.data.caption,
+        return SampleToPair(transform, build_tokenizer(self.cfg.clip), self.cfg.data.caption,
                             row_normalize=self.place_normalization(normalize))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -101,22 +101,25 @@ class ClipMethod(PretrainMethod):
         clamp_logit_scale(model)
 
     # ------------------------------------------------------------------ handoff
+    def model_label(self) -> str:
+        return self.cfg.clip.name
+
     def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
         cfg = self.cfg
-        model_config = model_config_dict(cfg.model)
-        tag = cfg.model.pretrained
-        mcfg = type(cfg.model)(name=cfg.model.name, config=cfg.model.config, pretrained=None)  # no download
+        model_config = model_config_dict(cfg.clip)
+        tag = cfg.clip.pretrained
+        mcfg = type(cfg.clip)(name=cfg.clip.name, config=cfg.clip.config, pretrained=None)  # no download
         model = build_clip(mcfg)
         model.load_state_dict(state, strict=True)
         preprocess = preprocess_cfg(model)
         if tag:  # training used the pretrained tag's normalisation
             import open_clip
-            tag_cfg = open_clip.get_pretrained_cfg(cfg.model.name, tag) or {}
+            tag_cfg = open_clip.get_pretrained_cfg(cfg.clip.name, tag) or {}
             preprocess.update({k: list(tag_cfg[k]) for k in ("mean", "std") if k in tag_cfg})
             preprocess["interpolation"] = tag_cfg.get("interpolation", preprocess["interpolation"])
         meta = {
             "library": "open_clip",
-            "architecture": cfg.model.name,
+            "architecture": cfg.clip.name,
             "model_config": model_config,
             "tower": "visual",
             "embedding_dim": int(model_config["embed_dim"]),
@@ -135,7 +138,7 @@ class ClipMethod(PretrainMethod):
 
         if self._eval_tools is None:  # built once: the eval transform (resize, no augmentation) and tokenizer
             self._eval_tools = (build_transforms(preprocess_cfg(model), self.cfg.data.augment)[1],
-                                build_tokenizer(self.cfg.model))
+                                build_tokenizer(self.cfg.clip))
         was_training = model.training
         model.eval()
         try:

@@ -1,4 +1,4 @@
-"""Build an open_clip CLIP model, its tokenizer and its image transforms from `ModelConfig`.
+"""Build an open_clip CLIP model, its tokenizer and its image transforms from `ClipConfig`.
 
 A model is either an open_clip name (`ViT-B-16`, built by `open_clip.create_model`, optionally
 with pretrained weights: a tag or a checkpoint file) or a literal open_clip config dict (`embed_dim`,
@@ -20,33 +20,34 @@ import torch
 from torch import nn
 
 from baton.errors import BatonError
-from pretrain.config import AugmentConfig, ModelConfig
+from pretrain.clip.config import ClipConfig
+from pretrain.config import AugmentConfig
 
 # CLIP caps the learned temperature at 100 (open_clip_train clamps after every step).
 MAX_LOGIT_SCALE = math.log(100)
 
 
-def model_config_dict(mcfg: ModelConfig) -> dict[str, Any]:
+def model_config_dict(mcfg: ClipConfig) -> dict[str, Any]:
     """The full open_clip config dict for `mcfg` (a copy: callers may change it)."""
     import open_clip
 
     if mcfg.config is not None:
         if not isinstance(mcfg.config, dict):
-            raise BatonError(f"model.config must be a mapping (an open_clip model config), not {mcfg.config!r}")
+            raise BatonError(f"clip.config must be a mapping (an open_clip model config), not {mcfg.config!r}")
         cfg = copy.deepcopy(dict(mcfg.config))
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
         if missing:
-            raise BatonError(f"model.config lacks {', '.join(missing)}: an open_clip model config needs "
+            raise BatonError(f"clip.config lacks {', '.join(missing)}: an open_clip model config needs "
                              f"embed_dim, vision_cfg and text_cfg (see open_clip/model_configs/*.json)")
         return cfg
     cfg = open_clip.get_model_config(mcfg.name)
     if cfg is None:
-        raise BatonError(f"model.name '{mcfg.name}' is not an open_clip model (e.g. ViT-B-16, ViT-B-32, "
-                         f"RN50; `open_clip.list_models()` lists them) and model.config is not set")
+        raise BatonError(f"clip.name '{mcfg.name}' is not an open_clip model (e.g. ViT-B-16, ViT-B-32, "
+                         f"RN50; `open_clip.list_models()` lists them) and clip.config is not set")
     return copy.deepcopy(cfg)
 
 
-def build_clip(mcfg: ModelConfig) -> nn.Module:
+def build_clip(mcfg: ClipConfig) -> nn.Module:
     """The CLIP model (random init unless `mcfg.pretrained`), returning dict outputs."""
     import open_clip
     from open_clip.transform import PreprocessCfg
@@ -58,9 +59,9 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
         try:
             return lock_text(open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True), mcfg)
         except RuntimeError as e:
-            raise BatonError(f"model.name={mcfg.name} model.pretrained={mcfg.pretrained}: {e}") from None
+            raise BatonError(f"clip.name={mcfg.name} clip.pretrained={mcfg.pretrained}: {e}") from None
     if mcfg.pretrained and not Path(mcfg.pretrained).is_file():
-        raise BatonError(f"model.pretrained={mcfg.pretrained}: with model.config it must be a checkpoint file "
+        raise BatonError(f"clip.pretrained={mcfg.pretrained}: with clip.config it must be a checkpoint file "
                          f"of that config (an open_clip_train epoch_N.pt); a released tag needs a named model")
     cfg = resolve_packaged_text(model_config_dict(mcfg))
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
@@ -68,27 +69,27 @@ def build_clip(mcfg: ModelConfig) -> nn.Module:
     try:
         model = cls(**cfg, output_dict=True)
     except TypeError as e:
-        raise BatonError(f"model.config is not a valid open_clip config: {e}") from None
+        raise BatonError(f"clip.config is not a valid open_clip config: {e}") from None
     size = model.visual.image_size
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=size if isinstance(size, int) else size[0])))
     if mcfg.pretrained:  # an open_clip_train checkpoint of this custom config, through open_clip's loader
         try:
             open_clip.load_checkpoint(model, mcfg.pretrained, strict=True)
         except (RuntimeError, KeyError) as e:
-            raise BatonError(f"model.pretrained={mcfg.pretrained} does not load into model.config "
+            raise BatonError(f"clip.pretrained={mcfg.pretrained} does not load into clip.config "
                              f"({type(e).__name__}: {str(e)[:400]})") from None
     return lock_text(model, mcfg)
 
 
-def lock_text(model: nn.Module, mcfg: ModelConfig) -> nn.Module:
-    """Apply `model.lock_text` (LiT) in place; every builder of the run's CLIP goes through it."""
+def lock_text(model: nn.Module, mcfg: ClipConfig) -> nn.Module:
+    """Apply `clip.lock_text` (LiT) in place; every builder of the run's CLIP goes through it."""
     if mcfg.lock_text:
         from pretrain.clip.locked_text import lock_text_tower
 
         lock_text_tower(model, mcfg.lock_text_unlocked_layers, mcfg.lock_text_freeze_layer_norm,
                         mcfg.lock_text_cache)
     elif mcfg.lock_text_unlocked_layers or not mcfg.lock_text_freeze_layer_norm:
-        raise BatonError("model.lock_text_unlocked_layers / lock_text_freeze_layer_norm need model.lock_text=true")
+        raise BatonError("clip.lock_text_unlocked_layers / lock_text_freeze_layer_norm need clip.lock_text=true")
     return model
 
 
@@ -117,7 +118,7 @@ def preprocess_cfg(model: nn.Module) -> dict[str, Any]:
             "interpolation": pp.get("interpolation", "bicubic")}
 
 
-def build_tokenizer(mcfg: ModelConfig) -> Callable:
+def build_tokenizer(mcfg: ClipConfig) -> Callable:
     """open_clip's tokenizer for the model: captions -> LongTensor (n, context_length)."""
     import open_clip
 

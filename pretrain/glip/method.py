@@ -1,0 +1,155 @@
+"""`GlipMethod`: grounded language-image pretraining on the generic engine (the `PretrainMethod` contract).
+
+The engine owns the loop, strategies, checkpoints and loader; this class says what GLIP trains
+(`pretrain.glip.model.GlipModel`), how a grounding sample becomes tensors
+(`pretrain.glip.data.GroundingSample`) and the loss (`pretrain.glip.loss.glip_loss`). The loss
+normalisers (positive locations, centerness sum) are averaged over ranks, so N DDP ranks train
+like one process on the N x larger batch. Weight decay skips biases, norms, gains, embeddings and
+the alignment scale/bias (as CLIP's rule).
+
+The handoff is the image backbone, a timm model, written as DINO writes its teacher (timm's key
+names, timm's config.json beside them): finetuning and timm's `local-dir:` load it unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from baton.compat import uncompiled
+from baton.distributed import all_reduce_sum
+from baton.errors import BatonError
+from baton.handoff import write_handoff
+from pretrain.glip.config import GlipConfig
+from pretrain.glip.data import GroundingSample
+from pretrain.glip.loss import glip_loss
+from pretrain.glip.model import BiCrossAttention, GlipModel, backbone_kwargs, build_backbone, build_tokenizer
+from pretrain.method import PretrainMethod
+from pretrain.timm_weights import write_timm_config
+
+BACKBONE = "backbone."
+NO_DECAY = ("bias", "norm", "ln_", "embedding", "gain_", "logit_scale", "bias0")
+
+
+def glip_config(cfg: Any) -> GlipConfig:
+    """`cfg.glip` of a PretrainConfig (a GlipConfig or a plain mapping), defaults if absent."""
+    g = getattr(cfg, "glip", None)
+    if g is None:
+        return GlipConfig()
+    if isinstance(g, GlipConfig):
+        return g
+    try:
+        return GlipConfig(**dict(g))
+    except TypeError as e:
+        raise BatonError(f"config key 'glip': {e}; valid keys: {', '.join(GlipConfig.__dataclass_fields__)}") from None
+
+
+def unwrap(net: nn.Module) -> GlipModel:
+    """The GlipModel inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`)."""
+    while not isinstance(net, GlipModel):
+        inner = getattr(net, "module", None) or uncompiled(net)
+        if not isinstance(inner, nn.Module):
+            raise BatonError(f"expected the GLIP model (or a wrapper of it), got {type(net).__name__}")
+        net = inner
+    return net
+
+
+class GlipMethod(PretrainMethod):
+    name = "glip"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.glip = glip_config(cfg)
+        self._tokenizer = None
+        self._evaluator = None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = build_tokenizer(self.glip)
+        return self._tokenizer
+
+    # ------------------------------------------------------------ contract
+    def build_model(self) -> nn.Module:
+        tok = self.tokenizer()
+        return GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0))
+
+    def sample_map(self, model) -> GroundingSample:
+        samples = GroundingSample(self.glip, self.tokenizer())
+        samples.row_normalize = self.place_normalization(samples.batch_normalize)
+        return samples
+
+    def param_groups(self, model) -> list[dict]:
+        def exempt(name: str, p: torch.Tensor) -> bool:
+            return p.ndim < 2 or any(t in name for t in NO_DECAY)
+
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": self.cfg.optim.weight_decay,
+                 "name": "decay"},
+                {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """A loss normaliser averaged over ranks (GLIP's reduce_sum / world size)."""
+        if self.info.world_size == 1:
+            return t
+        return all_reduce_sum(t.clone()) / self.info.world_size
+
+    def loss(self, net, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        tensors = [t for t in batch if torch.is_tensor(t)]
+        if len(tensors) != 6:
+            raise BatonError(f"GLIP expects 6 tensors per batch (image, ids, mask, boxes, valid, positive map), "
+                             f"got {len(tensors)}: are data.train_shards grounding shards?")
+        images, ids, mask, boxes, valid, positive = tensors
+        out = net(images, ids, mask)
+        return glip_loss(out, boxes, valid, positive, mask, self.glip, self.reduce_mean)
+
+    def shard_units(self, model) -> list[nn.Module]:
+        """FSDP2 units: the fusion layers, the text transformer's blocks and the backbone's stages."""
+        m = unwrap(model)
+        units: list[nn.Module] = [mod for mod in m.modules() if isinstance(mod, BiCrossAttention)]
+        resblocks = getattr(getattr(m.text.net, "transformer", None), "resblocks", None)
+        units += list(resblocks or [])
+        for attr in ("stages", "blocks"):
+            if isinstance(getattr(m.backbone, attr, None), nn.Sequential):
+                units += list(getattr(m.backbone, attr))
+        return units
+
+    def preprocess(self) -> dict[str, Any]:
+        return {"image_size": int(self.glip.image_size), "mean": [float(v) for v in self.glip.mean],
+                "std": [float(v) for v in self.glip.std], "interpolation": "bilinear"}
+
+    def export(self, state: dict[str, torch.Tensor], out: Path) -> Path:
+        """The image backbone as a timm handoff (pooled features: timm's num_classes=0 head)."""
+        weights = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
+        if not weights:
+            raise BatonError(f"the checkpoint holds no '{BACKBONE}*' weights: it is not a GLIP run "
+                             f"(keys look like {sorted(state)[:3]})")
+        backbone = build_backbone(self.glip)
+        try:
+            backbone.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise BatonError(f"the checkpoint's backbone does not match glip.backbone={self.glip.backbone} "
+                             f"{self.glip.backbone_kwargs}: {e}") from None
+        meta = {"library": "timm", "architecture": self.glip.backbone, "model_config": backbone_kwargs(self.glip),
+                "tower": "model", "embedding_dim": int(backbone.num_features), "preprocess": self.preprocess(),
+                "source": {**self.source, "method": self.name}}
+        write_handoff(out, backbone.state_dict(), meta)
+        write_timm_config(out, meta["model_config"], meta["preprocess"])
+        return Path(out)
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        """Grounding Recall@1 (IoU >= 0.5) and zero-shot detection mAP on `eval.shards`
+        (pretrain/glip/evaluation.py); on every rank (the counts and the metric are reduced)."""
+        if not self.cfg.eval.shards:
+            return {}
+        from pretrain.glip.evaluation import evaluate_glip
+
+        m = unwrap(model)
+        was = m.training
+        m.eval()
+        try:
+            return evaluate_glip(m, self, self.info.device)
+        finally:
+            m.train(was)

@@ -1,0 +1,148 @@
+"""Each pretraining method owns its config section (`method: NAME` + `NAME: {...}`), and configs of
+the layout before (a top-level CLIP `model:` section, a `dino:` section in every config) still load,
+resume and export, with a warning naming the new key."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from baton.config import from_yaml, load_config, read_recipe, to_yaml
+from baton.errors import BatonError
+from finetune.config import FinetuneConfig
+from pretrain.config import PretrainConfig
+from pretrain.dino.config import DinoConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def old_layout(cfg) -> str:
+    """`cfg` as the config.yaml a run wrote before methods owned their sections: the CLIP section
+    under `model:`, and a `dino:` section of defaults in every config."""
+    node = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    if "clip" in node:
+        node["model"] = node.pop("clip")
+    else:
+        node["model"] = {"name": "ViT-B-16", "config": None, "pretrained": None}
+    node.setdefault("dino", OmegaConf.to_container(OmegaConf.structured(DinoConfig)))
+    return OmegaConf.to_yaml(node)
+
+
+def test_old_and_new_clip_layouts_load_to_equal_configs(tmp_path, caplog):
+    new = load_config(PretrainConfig, CONFIGS / "demo_clip.yaml")
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(old_layout(new))
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        old = load_config(PretrainConfig, old_file)
+    assert old == new and type(old) is type(new)
+    assert "config key 'model' is now spelled 'clip'" in caplog.text
+    assert "'dino' is not read any more" in caplog.text
+    # an old override spelling moves with its section
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        cfg = load_config(PretrainConfig, CONFIGS / "demo_clip.yaml", ["model.pretrained=some.pt"])
+    assert cfg.clip.pretrained == "some.pt" and "now spelled 'clip'" in caplog.text
+    with pytest.raises(BatonError, match="sets both 'model' and 'clip'"):
+        (tmp_path / "both.yaml").write_text("model: {name: a}\nclip: {name: b}\n")
+        load_config(PretrainConfig, tmp_path / "both.yaml")
+
+
+def test_the_method_section_is_the_methods_own_dataclass():
+    clip, dino = load_config(PretrainConfig), load_config(PretrainConfig, None, ["method=dino"])
+    assert clip.method_section is clip.clip and not hasattr(clip, "dino")
+    assert isinstance(dino.method_section, DinoConfig) and not hasattr(dino, "clip")
+    assert from_yaml(PretrainConfig, to_yaml(dino)) == dino
+    with pytest.raises(BatonError, match=r"unknown method 'simclr'.*known: clip, dino, glip"):
+        load_config(PretrainConfig, None, ["method=simclr"])
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_wrong_key_or_value_in_a_methods_section_is_refused_naming_it(tmp_path, where):
+    recipe = tmp_path / "dino.yaml"
+    recipe.write_text("method: dino\ndino:\n  out_dimm: 8\n" if where == "file" else "method: dino\n")
+    overrides = ["dino.out_dimm=8"] if where == "override" else []
+    with pytest.raises(BatonError, match=r"unknown config key 'dino.out_dimm'. Did you mean 'out_dim'"):
+        load_config(PretrainConfig, recipe, overrides)
+    with pytest.raises(BatonError, match=r"config key dino.teacher_temp=0.0 is out of range"):
+        load_config(PretrainConfig, recipe if where == "override" else None, ["method=dino", "dino.teacher_temp=0"])
+    with pytest.raises(BatonError, match="bad value for config key 'clip.lock_text_cache'"):
+        load_config(PretrainConfig, None, ["clip.lock_text_cache=many"])
+    with pytest.raises(BatonError, match="unknown config key 'clip'"):  # a section another method reads
+        load_config(PretrainConfig, None, ["method=dino", "clip.name=x"])
+
+
+def stage_schema(recipe: Path):
+    node = read_recipe(recipe)
+    return FinetuneConfig if "backbone" in node or "loss" in node else PretrainConfig
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_with_its_stages_loader_without_old_spellings(recipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        cfg = load_config(stage_schema(recipe), recipe)
+    assert not caplog.records, caplog.text  # the in-repo recipes use the current spelling
+    if isinstance(cfg, PretrainConfig):
+        assert dataclass_fields_of(cfg) >= {cfg.method}
+
+
+def dataclass_fields_of(cfg) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cfg)}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_old_layout_resumes_and_exports(tmp_path, synthetic_shards, caplog):
+    """A run whose config.yaml and checkpoint hold the old layout continues with resume=latest (no
+    changed-config warning: nothing changed but the spelling) and exports."""
+    from baton.checkpoint import latest_checkpoint, load_checkpoint
+    from pretrain.export import export
+    from pretrain.train import train
+    from test_pretrain import write_tiny_config
+
+    run = tmp_path / "run"
+    recipe = write_tiny_config(tmp_path / "c.yaml", run, synthetic_shards, train={"max_steps": 4, "checkpoint_every": 2})
+    assert train(load_config(PretrainConfig, recipe, ["train.stop_after_steps=2"])) == 0
+    step_dir = latest_checkpoint(run / "checkpoints")
+    state = torch.load(step_dir / "state.pt", weights_only=True)
+    state["config"] = old_layout(from_yaml(PretrainConfig, state["config"]))
+    assert "\nmodel:" in state["config"] and "\nclip:" not in state["config"]
+    torch.save(state, step_dir / "state.pt")
+    (run / "config.yaml").write_text(state["config"])
+
+    old_recipe = tmp_path / "old.yaml"
+    old_recipe.write_text(state["config"])
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        assert train(load_config(PretrainConfig, old_recipe, ["resume=latest", "train.stop_after_steps=null"])) == 0
+    assert "resuming with a changed config" not in caplog.text
+    assert load_checkpoint(run)[0]["step"] == 4
+    out = export(step_dir, tmp_path / "export")  # the old-layout checkpoint itself
+    assert (out / "backbone.safetensors").is_file()
+
+
+def test_finetune_reads_its_old_key_names_as_the_pretrain_names_with_a_warning(tmp_path, caplog):
+    """One name per meaning in every stage: finetuning's old spellings map, each warning naming the new key."""
+    from baton.config import config_changes
+
+    old = tmp_path / "old.yaml"
+    old.write_text("resume: ''\noptim: {warmup: 7, grad_clip: 0}\ntrain: {keep_checkpoints: 4}\n")
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        cfg = load_config(FinetuneConfig, old)
+    assert (cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.train.keep_last, cfg.resume) == (7, None, 4, None)
+    for new in ("'optim.warmup_steps'", "'train.keep_last'", "optim.grad_clip=null", "resume=null"):
+        assert new in caplog.text, new
+    assert cfg == load_config(FinetuneConfig, None, ["optim.warmup_steps=7", "train.keep_last=4"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        by_override = load_config(FinetuneConfig, None, ["optim.warmup=7", "optim.grad_clip=0",
+                                                         "train.keep_checkpoints=4", "resume="])
+    assert by_override == cfg and "'optim.warmup_steps'" in caplog.text and "optim.grad_clip=null" in caplog.text
+    with pytest.raises(BatonError, match="optim.grad_clip=-1.0 is out of range"):
+        load_config(FinetuneConfig, None, ["optim.grad_clip=-1"])
+    # a run saved with the old names resumes without a changed-config warning
+    saved = old.read_text().replace("warmup: 7", "warmup: 7, lr: 0.0001")
+    assert config_changes(saved, cfg) == []
