@@ -73,6 +73,17 @@ class PretrainMethod:
         return [{"params": [p for p in model.parameters() if p.requires_grad],
                  "weight_decay": self.cfg.optim.weight_decay}]
 
+    def decay_groups(self, model: nn.Module, no_decay: tuple[str, ...]) -> list[dict]:
+        """Two groups, open_clip_train's rule: no weight decay on tensors of fewer than 2 dims nor on
+        parameters whose name holds one of `no_decay` (gains, biases, embeddings, temperatures)."""
+        def exempt(name: str, p: torch.Tensor) -> bool:
+            return p.ndim < 2 or any(t in name for t in no_decay)
+
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": self.cfg.optim.weight_decay,
+                 "name": "decay"},
+                {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+
     def adjust_optimizer(self, optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
         """Per-group overrides, called every step after the engine set the learning rates."""
 

@@ -90,3 +90,22 @@ def write_timm_config(out: str | Path, model_config: dict[str, Any], preprocess:
     path = Path(out) / TIMM_CONFIG
     write_json_atomic(path, config)
     return path
+
+
+def export_timm_backbone(out: str | Path, backbone: nn.Module, weights: dict[str, Any], where: str,
+                         meta: dict[str, Any]) -> Path:
+    """Load `weights` into the freshly built timm `backbone` (a BatonError naming `where`, the config
+    keys that built it, when they do not fit) and write it as a timm handoff in OUT: baton's
+    backbone files plus timm's config.json, so finetuning, `timm.create_model('local-dir:OUT')` and
+    `pretrained_cfg_overlay=dict(file=...)` all load it. `meta` is backbone.json without
+    `embedding_dim`, which is the backbone's own `num_features`."""
+    from baton.handoff import write_handoff
+
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise BatonError(f"the checkpoint's backbone does not match {where}: {e}") from None
+    meta = {**meta, "library": "timm", "tower": "model", "embedding_dim": int(backbone.num_features)}
+    write_handoff(out, backbone.state_dict(), meta)
+    write_timm_config(out, meta["model_config"], meta["preprocess"])
+    return Path(out)

@@ -60,13 +60,7 @@ class ClipMethod(PretrainMethod):
                             row_normalize=self.place_normalization(normalize))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        def exempt(name: str, p: torch.Tensor) -> bool:
-            return p.ndim < 2 or any(t in name for t in NO_DECAY)
-
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": self.cfg.optim.weight_decay,
-                 "name": "decay"},
-                {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+        return self.decay_groups(model, NO_DECAY)
 
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         """The residual attention blocks of both towers (timm trunks: their blocks/stages)."""

@@ -26,7 +26,6 @@ from torch import nn
 from baton.compat import uncompiled
 from baton.distributed import DistInfo
 from baton.errors import BatonError
-from baton.handoff import write_handoff
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
@@ -34,7 +33,7 @@ from pretrain.dino.loss import dino_loss, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
 from pretrain.method import PretrainMethod
-from pretrain.timm_weights import write_timm_config
+from pretrain.timm_weights import export_timm_backbone
 
 TEACHER_BACKBONE = "teacher.backbone."
 
@@ -192,18 +191,10 @@ class DinoMethod(PretrainMethod):
         if not weights:
             raise BatonError(f"the checkpoint holds no '{TEACHER_BACKBONE}*' weights: it is not a DINO run "
                              f"(keys look like {sorted(state)[:3]})")
-        backbone = build_backbone(self.dino)
-        try:
-            backbone.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise BatonError(f"the checkpoint's teacher backbone does not match dino.backbone="
-                             f"{self.dino.backbone} {self.dino.backbone_kwargs}: {e}") from None
-        meta = {"library": "timm", "architecture": self.dino.backbone, "model_config": timm_kwargs(self.dino),
-                "tower": "model", "embedding_dim": int(backbone.num_features), "preprocess": self.preprocess(),
-                "source": {**self.source, "method": self.name, "weights": "teacher"}}
-        write_handoff(out, backbone.state_dict(), meta)
-        write_timm_config(out, meta["model_config"], meta["preprocess"])  # timm's `local-dir:OUT` reads it
-        return Path(out)
+        return export_timm_backbone(
+            out, build_backbone(self.dino), weights, f"dino.backbone={self.dino.backbone} {self.dino.backbone_kwargs}",
+            {"architecture": self.dino.backbone, "model_config": timm_kwargs(self.dino), "preprocess": self.preprocess(),
+             "source": {**self.source, "method": self.name, "weights": "teacher"}})
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Every train.eval_every steps: the weighted k-NN (k=dino.knn_k, T=dino.knn_temperature) of the

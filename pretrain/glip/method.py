@@ -22,13 +22,12 @@ from torch import nn
 from baton.compat import uncompiled
 from baton.distributed import all_reduce_sum
 from baton.errors import BatonError
-from baton.handoff import write_handoff
 from pretrain.glip.config import GlipConfig
 from pretrain.glip.data import GroundingSample
 from pretrain.glip.loss import glip_loss
 from pretrain.glip.model import BiCrossAttention, GlipModel, backbone_kwargs, build_backbone, build_tokenizer
 from pretrain.method import PretrainMethod
-from pretrain.timm_weights import write_timm_config
+from pretrain.timm_weights import export_timm_backbone
 
 BACKBONE = "backbone."
 NO_DECAY = ("bias", "norm", "ln_", "embedding", "gain_", "logit_scale", "bias0")
@@ -82,13 +81,7 @@ class GlipMethod(PretrainMethod):
         return samples
 
     def param_groups(self, model) -> list[dict]:
-        def exempt(name: str, p: torch.Tensor) -> bool:
-            return p.ndim < 2 or any(t in name for t in NO_DECAY)
-
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return [{"params": [p for n, p in params if not exempt(n, p)], "weight_decay": self.cfg.optim.weight_decay,
-                 "name": "decay"},
-                {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+        return self.decay_groups(model, NO_DECAY)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """A loss normaliser averaged over ranks (GLIP's reduce_sum / world size)."""
@@ -126,18 +119,10 @@ class GlipMethod(PretrainMethod):
         if not weights:
             raise BatonError(f"the checkpoint holds no '{BACKBONE}*' weights: it is not a GLIP run "
                              f"(keys look like {sorted(state)[:3]})")
-        backbone = build_backbone(self.glip)
-        try:
-            backbone.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise BatonError(f"the checkpoint's backbone does not match glip.backbone={self.glip.backbone} "
-                             f"{self.glip.backbone_kwargs}: {e}") from None
-        meta = {"library": "timm", "architecture": self.glip.backbone, "model_config": backbone_kwargs(self.glip),
-                "tower": "model", "embedding_dim": int(backbone.num_features), "preprocess": self.preprocess(),
-                "source": {**self.source, "method": self.name}}
-        write_handoff(out, backbone.state_dict(), meta)
-        write_timm_config(out, meta["model_config"], meta["preprocess"])
-        return Path(out)
+        return export_timm_backbone(
+            out, build_backbone(self.glip), weights, f"glip.backbone={self.glip.backbone} {self.glip.backbone_kwargs}",
+            {"architecture": self.glip.backbone, "model_config": backbone_kwargs(self.glip),
+             "preprocess": self.preprocess(), "source": {**self.source, "method": self.name}})
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Grounding Recall@1 (IoU >= 0.5) and zero-shot detection mAP on `eval.shards`
