@@ -1,5 +1,5 @@
-"""DINO across processes and on the engine: 2 gloo ranks (centre all-reduce, DDP steps) equal one
-process on the global batch; FSDP2 equals the plain module; an interrupted and resumed engine run
+"""DINO across processes and on the engine: 2 gloo ranks (centre all-reduce, Sinkhorn-Knopp targets,
+DDP steps) equal one process on the global batch; FSDP2 equals the plain module; an interrupted and resumed engine run
 equals an uninterrupted one, and its checkpoint exports the teacher. Components: tests/test_dino.py.
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from baton.distributed import DistInfo
-from pretrain.dino.loss import updated_center
+from pretrain.dino.loss import sinkhorn_knopp_targets, updated_center
 from pretrain.dino.method import DinoMethod
 from pretrain.dino.model import DinoModel
 from test_dino import random_crops, tiny_config, tiny_method
@@ -49,6 +49,7 @@ def _ddp_worker(rank: int, world: int, init: str, rows: list[torch.Tensor], cent
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         torch.save(updated_center(center, rows[rank], 0.9), Path(out) / f"center{rank}.pt")
+        torch.save(sinkhorn_knopp_targets(rows[rank], 0.07, 3), Path(out) / f"sinkhorn{rank}.pt")
         # two DINO steps under DDP, each rank on its half of the global batch of 8
         method = tiny_method(num_samples=64, batch_size=4)
         method.info = DistInfo(rank=rank, world_size=world)
@@ -76,8 +77,10 @@ def test_two_ranks_equal_single_process_on_the_global_batch(tmp_path):
     mp.start_processes(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", rows, center, str(tmp_path)),
                        nprocs=2, join=True, start_method="fork")
     single = updated_center(center, torch.cat(rows), 0.9)
+    balanced = sinkhorn_knopp_targets(torch.cat(rows), 0.07, 3).split([6, 4])
     for r in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"center{r}.pt"), single, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.load(tmp_path / f"sinkhorn{r}.pt"), balanced[r], rtol=1e-5, atol=1e-7)
 
     method = tiny_method(num_samples=64, batch_size=8)   # the same global batch in one process
     torch.manual_seed(0)

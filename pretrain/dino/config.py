@@ -57,6 +57,15 @@ class DinoConfig:
     teacher_temp: float = bounded(0.04, gt=0)           # ... rising linearly to this over warmup_teacher_temp_epochs
     warmup_teacher_temp_epochs: int = bounded(0, ge=0)
     center_momentum: float = bounded(0.9, ge=0, le=1)
+    # The teacher's targets: "centering" (DINO: softmax of (t - centre) / temp, the centre an EMA of the
+    # batch mean) or "sinkhorn_knopp" (DINOv2: the softmax rebalanced over the global batch so every
+    # prototype gets the same mass, `sinkhorn_iterations` times; no centre). The latter does not
+    # collapse at the demo's small scale, where the centred softmax goes uniform (BENCHMARKS.md).
+    centering: str = "centering"
+    sinkhorn_iterations: int = bounded(3, ge=1)
+    # DINOv2's KoLeo regulariser on the student's backbone features of each global crop (its weight;
+    # DINOv2 uses 0.1; 0: off): spreads the features, against collapse onto a few directions.
+    koleo_loss_weight: float = bounded(0.0, ge=0)
     # --- schedules (cosine over the whole run)
     teacher_momentum: float = bounded(0.996, ge=0, le=1)      # EMA momentum, cosine to 1
     weight_decay: float = bounded(0.04, ge=0)           # cosine to weight_decay_end (biases and norms: none)

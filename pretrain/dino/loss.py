@@ -7,6 +7,12 @@ and the loss is the mean of those terms. The teacher side carries no gradient. A
 centre moves towards the teacher's batch mean: C <- m C + (1 - m) mean(t), where the mean is over
 the *global* batch (summed with an all-reduce over ranks when torch.distributed is initialised), so
 N ranks of B samples update the centre exactly like one process with the N*B batch.
+
+`dino.centering=sinkhorn_knopp` replaces the centre by DINOv2's Sinkhorn-Knopp teacher targets
+(`sinkhorn_knopp_targets`): the teacher's softmax is rebalanced so that every prototype receives
+the same total mass over the global batch. At small scale the centred softmax collapses to the
+uniform distribution (BENCHMARKS.md, DINO); balanced assignments cannot, since each sample keeps a
+sharp target while the batch as a whole uses every prototype.
 """
 
 from __future__ import annotations
@@ -18,12 +24,21 @@ import torch.nn.functional as F
 
 def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, *,
               n_crops: int, teacher_temp: float, student_temp: float) -> torch.Tensor:
-    """Scalar cross-entropy over all (teacher global view, other student view) pairs, averaged."""
-    if student_out.shape[0] % n_crops or teacher_out.shape[0] * n_crops != student_out.shape[0] * 2:
+    """Scalar cross-entropy over all (teacher global view, other student view) pairs, averaged,
+    with the reference's centred teacher softmax as the targets."""
+    teacher_p = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
+    return distillation_loss(student_out, teacher_p, n_crops=n_crops, student_temp=student_temp)
+
+
+def distillation_loss(student_out: torch.Tensor, teacher_p: torch.Tensor, *, n_crops: int,
+                      student_temp: float) -> torch.Tensor:
+    """H(teacher_p[q], student view v) averaged over the pairs q != v; `teacher_p` holds the teacher's
+    target distributions of the 2 global crops (centred softmax or Sinkhorn-Knopp)."""
+    if student_out.shape[0] % n_crops or teacher_p.shape[0] * n_crops != student_out.shape[0] * 2:
         raise ValueError(f"student rows {student_out.shape[0]} must be {n_crops} crops and teacher rows "
-                         f"{teacher_out.shape[0]} 2 crops of the same batch")
+                         f"{teacher_p.shape[0]} 2 crops of the same batch")
     student_logp = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_crops)
-    teacher_p = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach().chunk(2)
+    teacher_p = teacher_p.detach().chunk(2)
     total, terms = student_out.new_zeros((), dtype=torch.float32), 0
     for q, p in enumerate(teacher_p):
         for v, logp in enumerate(student_logp):
@@ -44,3 +59,31 @@ def updated_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: fl
         dist.all_reduce(packed)
     batch_mean = (packed[:-1] / packed[-1]).unsqueeze(0)
     return center * momentum + batch_mean * (1.0 - momentum)
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp_targets(teacher_out: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's teacher targets (`SinkhornKnopp` of dinov2/loss/dino_clstoken_loss.py): Q = exp(t / temp)
+    over (all global-crop rows of all ranks) x (prototypes), alternately scaled so that every prototype
+    holds 1/K of the mass and every row 1/B, `iterations` times; returns each row's distribution
+    (rows sum to 1). Sums over rows are all-reduced, so N ranks of B rows equal one process with N*B.
+    The logits are shifted by their global maximum first (the first normalisation cancels it exactly)."""
+    logits = teacher_out.detach().float() / teacher_temp
+    top = _all_reduce(logits.max().reshape(1), dist.ReduceOp.MAX if dist.is_available() else None)
+    q = torch.exp(logits - top).t()                     # K x B
+    k = q.shape[0]
+    rows = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
+    q /= _all_reduce(q.sum().reshape(1))
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))     # each prototype: total mass 1 ...
+        q /= k                                           # ... then 1/K
+        q /= q.sum(dim=0, keepdim=True)                  # each row (sample): 1 ...
+        q /= rows                                        # ... then 1/B
+    q *= rows                                            # rows sum to 1 again
+    return q.t()

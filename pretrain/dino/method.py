@@ -29,13 +29,15 @@ from baton.errors import BatonError
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
-from pretrain.dino.loss import dino_loss, updated_center
+from pretrain.dino.koleo import koleo_loss
+from pretrain.dino.loss import dino_loss, distillation_loss, sinkhorn_knopp_targets, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
 from pretrain.method import PretrainMethod
 from pretrain.timm_weights import export_timm_backbone
 
 TEACHER_BACKBONE = "teacher.backbone."
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 def dino_config(cfg: Any) -> DinoConfig:
@@ -70,6 +72,8 @@ class DinoMethod(PretrainMethod):
     def __init__(self, cfg, info: DistInfo):
         super().__init__(cfg, info)
         self.dino = dino_config(cfg)
+        if self.dino.centering not in CENTERINGS:
+            raise BatonError(f"unknown dino.centering {self.dino.centering!r}: choose one of {', '.join(CENTERINGS)}")
         self._steps_per_epoch: int | None = None
         self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset
 
@@ -150,14 +154,24 @@ class DinoMethod(PretrainMethod):
         if len(crops) != n_crops:
             raise BatonError(f"DINO expects {n_crops} crops per sample (2 global + dino.n_local_crops="
                              f"{self.dino.n_local_crops}), the batch holds {len(crops)} tensors")
-        student_out, teacher_out = net(*crops)
+        koleo = self.dino.koleo_loss_weight > 0
+        student_out, teacher_out, *feats = net(*crops, return_features=True) if koleo else net(*crops)
         model = unwrap(net)
         temp = schedules.teacher_temperature(step, self.steps_per_epoch(), self.dino.warmup_teacher_temp,
                                              self.dino.teacher_temp, self.dino.warmup_teacher_temp_epochs)
-        loss = dino_loss(student_out, teacher_out, model.center, n_crops=n_crops, teacher_temp=temp,
-                         student_temp=self.dino.student_temp)
-        model.center.copy_(updated_center(model.center, teacher_out, self.dino.center_momentum))
-        return loss, {"teacher_temp": temp,
+        extra: dict[str, float] = {}
+        if self.dino.centering == "sinkhorn_knopp":
+            targets = sinkhorn_knopp_targets(teacher_out, temp, self.dino.sinkhorn_iterations)
+            loss = distillation_loss(student_out, targets, n_crops=n_crops, student_temp=self.dino.student_temp)
+        else:
+            loss = dino_loss(student_out, teacher_out, model.center, n_crops=n_crops, teacher_temp=temp,
+                             student_temp=self.dino.student_temp)
+            model.center.copy_(updated_center(model.center, teacher_out, self.dino.center_momentum))
+        if koleo:
+            reg = sum(koleo_loss(f) for f in feats[0].chunk(2))
+            extra["dino_loss"], extra["koleo_loss"] = float(loss.detach()), float(reg.detach())
+            loss = loss + self.dino.koleo_loss_weight * reg
+        return loss, {**extra, "teacher_temp": temp,
                       "teacher_momentum": schedules.teacher_momentum(step, total, self.dino.teacher_momentum),
                       "weight_decay": schedules.weight_decay(step, total, self.dino.weight_decay,
                                                              self.dino.weight_decay_end)}

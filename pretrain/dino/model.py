@@ -59,7 +59,9 @@ class MultiCropNet(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: Sequence[torch.Tensor], return_features: bool = False):
+        """The head's outputs for all crops; with `return_features`, also the backbone's features
+        (all crops, the same row order)."""
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -68,7 +70,8 @@ class MultiCropNet(nn.Module):
             out = self.backbone(torch.cat(list(crops[start:end])))
             feats.append(out[0] if isinstance(out, (tuple, list)) else out)
             start = end
-        return self.head(torch.cat(feats))
+        feats = torch.cat(feats)
+        return (self.head(feats), feats) if return_features else self.head(feats)
 
 
 def timm_kwargs(cfg: DinoConfig) -> dict[str, Any]:
@@ -105,7 +108,8 @@ def build_head(cfg: DinoConfig, in_dim: int) -> DinoHead:
 
 
 class DinoModel(nn.Module):
-    """Student, EMA teacher and the loss centre; `forward(*crops) -> (student_out, teacher_out)`."""
+    """Student, EMA teacher and the loss centre; `forward(*crops) -> (student_out, teacher_out)`, with
+    `return_features=True` also the student backbone's features of the 2 global crops (KoLeo)."""
 
     def __init__(self, cfg: DinoConfig):
         super().__init__()
@@ -117,12 +121,16 @@ class DinoModel(nn.Module):
         self.teacher.requires_grad_(False)                        # no backpropagation through it
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
 
-    def forward(self, *crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *crops: torch.Tensor, return_features: bool = False) -> tuple[torch.Tensor, ...]:
         if len(crops) < 2:
             raise BatonError(f"DINO needs at least the 2 global crops, got {len(crops)} tensor(s)")
         with torch.no_grad():
             teacher_out = self.teacher(crops[:2])  # only the global views pass through the teacher
-        return self.student(crops), teacher_out
+        if not return_features:
+            return self.student(crops), teacher_out
+        student_out, feats = self.student(crops, return_features=True)
+        globals_ = crops[0].shape[0] + crops[1].shape[0]
+        return student_out, teacher_out, feats[:globals_]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """`train.grad_checkpointing`: timm's activation recomputation in the student's backbone (the
