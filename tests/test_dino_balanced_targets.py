@@ -97,3 +97,10 @@ def test_method_uses_sinkhorn_targets_and_koleo():
 def test_unknown_centering_is_refused():
     with pytest.raises(BatonError, match="dino.centering.*sinkhorn_knopp"):
         tiny_method(centering="sinkhorn")
+
+
+def test_null_backbone_kwarg_is_refused_not_dropped():
+    """`{grid:1}` in YAML flow style is the key 'grid:1' with a null value, which timm.create_model
+    drops without a word: refused, naming the key."""
+    with pytest.raises(BatonError, match=r"backbone_kwargs.grid:1 is null"):
+        tiny_method(backbone="small_convnet", backbone_kwargs={"grid:1": None}).build_model()

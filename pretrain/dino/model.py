@@ -79,6 +79,10 @@ def timm_kwargs(cfg: DinoConfig) -> dict[str, Any]:
     if not isinstance(cfg.backbone_kwargs or {}, dict):
         raise BatonError(f"dino.backbone_kwargs must be a mapping of timm.create_model kwargs, "
                          f"not {cfg.backbone_kwargs!r}")
+    nulls = [k for k, v in (cfg.backbone_kwargs or {}).items() if v is None]
+    if nulls:  # timm.create_model drops None-valued kwargs: the key would silently do nothing
+        raise BatonError(f"dino.backbone_kwargs.{nulls[0]} is null, and timm ignores null kwargs; give it a "
+                         f"value (in YAML flow style a space after the colon: {{grid: 1}}, not {{grid:1}})")
     return {"model_name": cfg.backbone, "num_classes": 0, **dict(cfg.backbone_kwargs or {})}
 
 
