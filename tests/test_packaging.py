@@ -43,6 +43,7 @@ def wheel(tmp_path_factory) -> Path:
     return found
 
 
+@pytest.mark.slow   # builds the wheel (pip wheel: ~5 s of CPU)
 def test_the_wheel_holds_every_recipe_and_template_and_no_hard_faiss(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n.split("/")[-1] for n in names if n.startswith("baton/configs/")) == RECIPES
@@ -80,6 +81,7 @@ for argv in (["recipes"], ["recipes", "copy", "demo_softtriple_elg", "mine"],
 """
 
 
+@pytest.mark.slow   # the wheel, and a fresh interpreter that imports the finetune stage
 def test_installed_from_the_wheel_baton_recipes_copies_a_recipe_that_loads(wheel, tmp_path):
     """Unpacked as pip installs it, away from the repository: `baton recipes` lists the packaged
     files, `copy` brings a recipe with its `base:` chain, and the copy resolves (--print-config)."""
