@@ -9,6 +9,8 @@ BIN    := $(VENV)/bin
 # torch and torchvision are pinned to the builds that lie on this project's machines; override
 # TORCH_SPEC for another platform (e.g. TORCH_SPEC="torch torchvision").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# faiss (retrieval metrics) as one of its two extras, never both: FAISS=faiss-gpu on a CUDA machine.
+FAISS  ?= faiss-cpu
 STAMP  := $(VENV)/.baton-installed
 # SEED changes every random choice of the demo (class split, initialisation, order, augmentation);
 # `make demo SEED=1` writes to runs/demo-seed1 and data/emoji-seed1.
@@ -35,7 +37,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,$(FAISS)]'
 	touch $@
 
 # Optional emoji designs from Debian packages (Noto Color Emoji, EmojiOne). Installed where

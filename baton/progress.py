@@ -14,8 +14,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 
-def progress_bar(total: int, desc: str, initial: int = 0, enabled: bool = True, unit: str = "step") -> tqdm:
-    """A bar to `update(n)`; `enabled=False` (a rank other than 0) never shows one."""
+def progress_bar(total: int | None, desc: str, initial: int = 0, enabled: bool = True, unit: str = "step") -> tqdm:
+    """A bar to `update(n)`; `enabled=False` (a rank other than 0) never shows one; `total=None`
+    counts without a total (a stream of unknown length)."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 disable=None if enabled else True)
 

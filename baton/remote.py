@@ -14,6 +14,7 @@ from typing import Any
 
 import fsspec
 
+from baton.extras import require
 from baton.io import seconds_from_env
 
 TIMEOUT_ENV = "BATON_IO_TIMEOUT_S"
@@ -34,6 +35,7 @@ def storage_options(url: str) -> dict[str, Any]:
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, connect=t, sock_connect=t,
                                                                    sock_read=t)}}
     if scheme in ("s3", "s3a"):
+        require("s3fs", f"reading {url}")  # fsspec's S3 filesystem; else its ImportError mid-listing
         return {"config_kwargs": {"connect_timeout": t, "read_timeout": t,
                                   "retries": {"max_attempts": 3, "mode": "standard"}}}
     return {}

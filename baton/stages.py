@@ -21,6 +21,7 @@ _COMMANDS = {  # name -> ("module:function" taking argv, one-line help)
     "status": ("slurm.control:status_main", "state of a submitted run: baton status RUN_DIR"),
     "cancel": ("slurm.control:cancel_main", "cancel a submitted run: baton cancel RUN_DIR"),
     "logs": ("slurm.control:logs_main", "a submitted run's output: baton logs RUN_DIR [-f]"),
+    "recipes": ("baton.recipes:main", "the packaged recipes and sbatch templates: baton recipes [copy NAME [DEST]]"),
 }
 
 # `baton COMMAND` -> its main(argv); the stage owns its arguments.

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from baton.errors import BatonError
 from baton.io import write_json_atomic
+from baton.progress import progress_bar
 from data_prep.items import Item, PrepOptions, content_hash, process_item
 from data_prep.writer import SIZES, STATS, Keys, Sample, ShardFiles, Skip
 
@@ -155,9 +156,11 @@ def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
 
 class _Runner:
     """Runs chunk tasks in this process (1 worker) or in a process pool, keeping at most
-    2 x workers tasks in flight so the plan streams instead of being held in memory."""
+    2 x workers tasks in flight so the plan streams instead of being held in memory. `bar` (a
+    progress bar) advances by a task's `size` when the task is done."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, bar: Any = None) -> None:
+        self.bar, self.sizes = bar, {}
         self.pool = None
         if workers > 1:
             ctx = multiprocessing.get_context("forkserver")
@@ -168,9 +171,11 @@ class _Runner:
         self.pending: deque[tuple[int, Future]] = deque()
         self.results: dict[int, dict] = {}
 
-    def submit(self, k: int, fn: Callable, *args: Any) -> None:
+    def submit(self, k: int, fn: Callable, *args: Any, size: int = 0) -> None:
+        self.sizes[k] = size
         if self.pool is None:
             self.results[k] = fn(*args)
+            self.advance(self.sizes.pop(k))
             return
         while len(self.pending) >= self.limit:
             self._collect_one()
@@ -185,6 +190,11 @@ class _Runner:
             self.results[k] = fut.result()
         except BrokenProcessPool:
             raise BatonError(_DIED) from None
+        self.advance(self.sizes.pop(k))
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.update(n)
 
     def finish(self) -> dict[int, dict]:
         try:
@@ -198,12 +208,16 @@ class _Runner:
 
 def _duplicates(plan: Plan, out: Path, prep: PrepOptions, layout: JobLayout) -> dict[int, list[int]]:
     """Per chunk, the positions whose image bytes equal an earlier input's (first one kept)."""
-    runner, digests = _Runner(layout.workers), {}
-    for k, items in _chunks(plan, layout, None, None):
-        digests[k] = _digest("hash", [_identity(it) for it in items])
-        if _load_record(out, "hash", k, digests[k]) is None:
-            runner.submit(k, hash_chunk, out, k, digests[k], items, prep)
-    done = runner.finish()
+    digests: dict[int, str] = {}
+    with progress_bar(None, "dedupe: hash", unit="sample") as bar:
+        runner = _Runner(layout.workers, bar)
+        for k, items in _chunks(plan, layout, None, None):
+            digests[k] = _digest("hash", [_identity(it) for it in items])
+            if _load_record(out, "hash", k, digests[k]) is None:
+                runner.submit(k, hash_chunk, out, k, digests[k], items, prep, size=len(items))
+            else:
+                runner.advance(len(items))
+        done = runner.finish()
     seen, dups = set(), {}
     for k in sorted(digests):
         rec = done.get(k) or _load_record(out, "hash", k, digests[k])
@@ -240,12 +254,20 @@ def run_job(plan: Plan, out_dir: str | Path, prep: PrepOptions = PrepOptions(),
     options = prep.fingerprint() | {"shard_max_bytes": layout.shard_max_bytes}
     planning_skips: Counter[str] = Counter()
     digests: dict[int, str] = {}
-    runner = _Runner(layout.workers)
-    for k, items in _chunks(plan, layout, planning_skips, log):
-        digests[k] = _digest(options, dups.get(k, []), [_identity(it) for it in items])
-        if k % n == i and _load_record(out, "chunk", k, digests[k]) is None:
-            runner.submit(k, write_chunk, out, k, digests[k], items, dups.get(k, []), prep, layout)
-    written_now = runner.finish()
+    # the plan streams, so the bar counts this part's inputs (samples or skips) without a total;
+    # chunks an earlier run finished count as they are found
+    with progress_bar(None, "shards" if n == 1 else f"shards, part {i}/{n}", unit="sample") as bar:
+        runner = _Runner(layout.workers, bar)
+        for k, items in _chunks(plan, layout, planning_skips, log):
+            digests[k] = _digest(options, dups.get(k, []), [_identity(it) for it in items])
+            if k % n != i:
+                continue
+            if _load_record(out, "chunk", k, digests[k]) is None:
+                runner.submit(k, write_chunk, out, k, digests[k], items, dups.get(k, []), prep, layout,
+                              size=len(items))
+            else:
+                runner.advance(len(items))
+        written_now = runner.finish()
     seconds = time.perf_counter() - t0
 
     records = {k: written_now.get(k) or _load_record(out, "chunk", k, d) for k, d in digests.items()}

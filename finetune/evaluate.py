@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from baton.errors import BatonError
+from baton.extras import require
 
 RECALL_KS = (1, 2, 4, 8)
 KMEANS_NITER = 20
@@ -38,8 +39,7 @@ def knn_excluding_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Searches k+1 and removes the row itself; if ties push the row out of its own top k+1, the last
     neighbour is dropped instead, so every row keeps exactly k.
     """
-    import faiss
-
+    faiss = require("faiss", "nearest-neighbour search")
     n, d = x.shape
     index = faiss.IndexFlatIP(d)
     index.add(x)
@@ -52,8 +52,7 @@ def knn_excluding_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kmeans_labels(x: np.ndarray, n_clusters: int) -> np.ndarray:
-    import faiss
-
+    faiss = require("faiss", "k-means clustering (NMI)")
     # min_points_per_centroid only decides whether faiss prints "please provide at least N training
     # points" (k = the number of held-out classes always asks for more); the clustering is the same.
     km = faiss.Kmeans(x.shape[1], n_clusters, niter=KMEANS_NITER, seed=KMEANS_SEED, verbose=False,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from baton.extras import require
 from baton.io import atomic_path, write_json_atomic
 from baton.logs import setup_logging
 from finetune.config import MAX_SKIPPED_FRACTION
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log = setup_logging()
 
+    require("faiss", "baton evaluate")  # before any work, not after embedding the split
     embedder = resolve_embedder(args.model, like=args.like, seed=args.seed)  # fail fast on a bad MODEL
     items = load_dataset(args.data_source, args.data_root, args.seed, args.max_skipped_fraction).get(args.split)
     device = torch.device("cuda" if args.device == "cuda" or

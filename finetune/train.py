@@ -25,6 +25,7 @@ from baton.cli_config import parse_stage_config
 from baton.compat import pml_numpy_rng
 from baton.config import config_changes, to_yaml
 from baton.errors import BatonError
+from baton.extras import require
 from baton.io import write_json_atomic, write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
 from baton.preemption import EXIT_STOPPED, stop_requested
@@ -126,8 +127,9 @@ def run(cfg: FinetuneConfig) -> dict:
     train_labels = [y for _, y, _ in data.train]
     n_classes = max(train_labels) + 1
     _check(cfg, n_classes)
-    if cfg.train.eval_at_end:  # before training, not after it: a split with no answer is refused
+    if cfg.train.eval_at_end:  # before training, not after it: a split with no answer is refused,
         n_queries = require_answerable([y for _, y, _ in data.test], f"{cfg.data.root} (test split)")
+        require("faiss", "train.eval_at_end (the held-out metrics after training)")  # and no faiss too
     backbone, backbone_meta = load_backbone(cfg.backbone)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
         backbone_meta = {**backbone_meta, "preprocess": {**backbone_meta["preprocess"], "resize": cfg.data.test_resize}}

@@ -25,7 +25,8 @@ def offline() -> bool:
 
 def fill_hint(place: str, repo: str | None = None) -> str:
     """'fill PLACE' for an error message, with how to fill a hub cache from a machine online."""
-    how = (f" (`hf download {repo}` on a machine online, then copy that directory here)" if repo
+    how = (f" (`hf download {repo}` on a machine online, then copy that directory here; the hub cache is "
+           f"HF_HUB_CACHE, by default HF_HOME/hub, or the older HUGGINGFACE_HUB_CACHE)" if repo
            else " (download it on a machine online, then copy it here)")
     return ("no copy in the local cache" + (" (HF_HUB_OFFLINE=1)" if offline() else "")
             + f"; fill {place}{how}")

@@ -1,4 +1,4 @@
-"""`baton submit STAGE ARGS... [cluster.KEY=VALUE ...] [--cluster FILE] [--dry-run] [--wait] [--parts N]`
+"""`baton submit STAGE ARGS... [cluster.KEY=VALUE ...] [--cluster FILE] [--dry-run] [--print-config] [--wait] [--parts N]`
 
     baton submit pretrain configs/clip_vit_b16.yaml cluster.nodes=2 cluster.gpus_per_node=8 \
         cluster.tasks_per_node=8 cluster.partition=gpu train.epochs=32
@@ -9,10 +9,14 @@ ARGS are what `baton STAGE` takes. For pretrain/finetune the YAML's `cluster:` s
 (the stage's schema does not know it) and the rest is frozen in RUN_DIR/slurm/config.yaml, so a
 requeued attempt reads the config the job was submitted with, not a file edited since.
 The job record (ids, log folder) goes to RUN_DIR/slurm/job.json for `baton status|cancel|logs`.
+`--dry-run` prints the sbatch script, `--print-config` the config the job's stage will run with (its
+run_dir resolved, the cluster options as a `cluster:` section: a recipe `baton submit` takes back);
+neither submits nor writes anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -23,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from baton.config import load_config, read_recipe
+from baton.config import load_config, read_recipe, to_yaml
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.stages import JOB_STAGES, takes_config
@@ -36,11 +40,11 @@ USAGE = __doc__.split("\n\n")[0]
 
 def _split(argv: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
     """Our flags, the cluster.KEY=VALUE overrides, and the stage's own arguments (the rest, in order)."""
-    flags: dict[str, Any] = {"cluster": None, "dry_run": False, "wait": False, "parts": None}
+    flags: dict[str, Any] = {"cluster": None, "dry_run": False, "print_config": False, "wait": False, "parts": None}
     cluster, rest = [], []
     it = iter(argv)
     for tok in it:
-        if tok in ("--dry-run", "--wait"):
+        if tok in ("--dry-run", "--print-config", "--wait"):
             flags[tok[2:].replace("-", "_")] = True
         elif tok in ("--cluster", "--parts") or tok.startswith(("--cluster=", "--parts=")):
             name, eq, value = tok.partition("=")
@@ -110,7 +114,19 @@ def plan(stage: str, argv: list[str]) -> dict[str, Any]:
                 for i in range(parts)]
     log_folder = Path(ccfg.log_folder).resolve() if ccfg.log_folder else run_dir / "slurm"
     return {"stage": stage, "argv": list(argv), "flags": flags, "cluster": ccfg, "run_dir": run_dir, "config_text": text,
-            "jobs": jobs, "log_folder": log_folder}
+            "config": cfg if takes_config(stage) else None, "jobs": jobs, "log_folder": log_folder}
+
+
+def resolved_config(p: dict[str, Any]) -> str:
+    """What `--print-config` prints: the stage's config as the job runs it (the frozen recipe +
+    overrides, `run_dir` made absolute as the job gets it) and the cluster options under `cluster:`."""
+    if p["config"] is None:
+        raise BatonError(f"--print-config prints the config of a stage that takes one "
+                         f"({', '.join(s for s in JOB_STAGES if takes_config(s))}); `baton submit "
+                         f"{p['stage']}` has none: --dry-run prints its sbatch script")
+    cfg = dataclasses.replace(p["config"], run_dir=str(p["run_dir"]))
+    cluster = OmegaConf.to_yaml({"cluster": OmegaConf.to_container(OmegaConf.structured(p["cluster"]))})
+    return to_yaml(cfg) + cluster
 
 
 def make_executor(ccfg: ClusterConfig, log_folder: Path, job_name: str):
@@ -194,6 +210,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     p = plan(argv[0], argv[1:])
+    if p["flags"]["print_config"]:
+        print(resolved_config(p), end="")
+        return 0
     if p["flags"]["dry_run"]:
         print(sbatch_script(p))
         return 0

@@ -204,3 +204,16 @@ def test_hf_text_encoder_gives_token_features(tokenizer):
     enc = tokenizer(["cat face"], padding="max_length", max_length=16, return_tensors="pt")
     out = model(torch.randn(1, 3, 64, 64), enc["input_ids"], enc["attention_mask"])
     assert out["logits"].shape == (1, 16, 16)
+
+
+def test_backbone_weight_kwargs_are_refused_not_dropped():
+    """GLIP's backbone starts from a random init: timm's weight-choosing kwargs would be ignored, so
+    they are an error; any other timm kwarg reaches the backbone's model_config."""
+    from baton.errors import BatonError
+    from pretrain.glip.model import backbone_kwargs
+
+    for weights in ({"pretrained": True}, {"pretrained_cfg_overlay": {"file": "w.safetensors"}}):
+        with pytest.raises(BatonError, match="glip.backbone_kwargs .*no pretrained weights option"):
+            backbone_kwargs(GlipConfig(backbone_kwargs=weights))
+    assert backbone_kwargs(GlipConfig(backbone="resnet18", backbone_kwargs={"output_stride": 16})) == \
+        {"model_name": "resnet18", "num_classes": 0, "output_stride": 16}

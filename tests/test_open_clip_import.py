@@ -139,3 +139,44 @@ def test_released_open_clip_weights_offline_name_the_cache_to_fill(tmp_path, mon
         load_backbone("open_clip:ViT-B-32@no-such-tag")
     with pytest.raises(BatonError, match="expected one of"):
         load_backbone("open_clip:ViT-B-32")
+
+
+def test_open_clip_hf_hub_repository_offline_names_the_cache_and_loads_once_it_is_filled(tmp_path, monkeypatch):
+    """backbone=open_clip:hf-hub:ORG/NAME (open_clip's own scheme). Offline with an empty cache: the
+    error names the repository's directory in the HF cache; filled there (as `hf download` leaves
+    it: refs/main + snapshots/REV/), the same spec loads offline, equal to the model written."""
+    import shutil
+
+    import open_clip
+    from huggingface_hub import constants
+
+    from finetune.model import load_backbone
+    from pretrain.clip.open_clip_weights import write_open_clip_dir
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    with pytest.raises(BatonError) as e:
+        load_backbone("open_clip:hf-hub:baton-test/tiny-clip")
+    msg = str(e.value)
+    assert "open_clip:hf-hub:baton-test/tiny-clip" in msg and "HF_HUB_OFFLINE" in msg
+    assert f"fill {hub / 'models--baton-test--tiny-clip'}" in msg and "HF_HOME" in msg
+    with pytest.raises(BatonError, match="expected open_clip:hf-hub:ORG/NAME"):
+        load_backbone("open_clip:hf-hub:no-org")
+
+    torch.manual_seed(2)
+    model = open_clip.CLIP(**CUSTOM).eval()
+    pp = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
+    write_open_clip_dir(tmp_path / "repo", model, CUSTOM, pp)
+    repo = hub / "models--baton-test--tiny-clip"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tmp_path / "repo", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    backbone, meta = load_backbone("open_clip:hf-hub:baton-test/tiny-clip")
+    assert meta["library"] == "open_clip" and meta["model_config"]["embed_dim"] == CUSTOM["embed_dim"]
+    assert meta["preprocess"] == pp and meta["source"] == {"open_clip": "hf-hub:baton-test/tiny-clip"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(x), model.encode_image(x))

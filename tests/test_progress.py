@@ -57,3 +57,26 @@ def test_training_bar_on_rank_zero_only_and_logs_above_it(monkeypatch):
     bar.close()
     out = tty.getvalue()
     assert "finetune" in out and "4/4" in out and "a line above the bar" in out
+
+
+def test_shards_bar_counts_the_inputs_on_a_terminal_only(monkeypatch, tmp_path, capsys):
+    from data_prep.job import JobLayout, run_job, write_shards
+    from data_prep.writer import Sample
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    samples = [Sample(key=f"k{i}", image=png.getvalue(), ext="png", caption=f"c{i}") for i in range(7)]
+    write_shards(samples, tmp_path / "a", shard_size=3)
+    assert "shards" not in capsys.readouterr().err  # not a TTY: no bar
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert write_shards(samples, tmp_path / "b", shard_size=3)["num_samples"] == 7
+    assert "shards: 7sample" in tty.getvalue()   # 3 chunks (3 + 3 + 1), no total: the plan streams
+    tty.seek(0)
+    tty.truncate()
+    write_shards(samples, tmp_path / "b", shard_size=3)  # a rerun finds every chunk done: counted too
+    assert "shards: 7sample" in tty.getvalue()
+    tty.seek(0)
+    tty.truncate()
+    run_job(lambda: samples, tmp_path / "c", layout=JobLayout(shard_size=3, part=(1, 2)))
+    assert "shards, part 1/2: 3sample" in tty.getvalue()   # chunk 1 only: this part's inputs

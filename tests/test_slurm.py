@@ -144,6 +144,37 @@ def test_dry_run_needs_no_slurm_on_this_machine(tmp_path, synthetic_shards, caps
     assert "sbatch not found" in capsys.readouterr().err
 
 
+def test_print_config_prints_what_the_job_runs_and_submits_nothing(tmp_path, synthetic_shards, capsys, monkeypatch):
+    """`baton submit STAGE CONFIG ... --print-config`: the stage's resolved config (recipe + overrides,
+    the absolute run_dir the job gets) and the cluster options; a recipe `baton submit` takes back."""
+    from omegaconf import OmegaConf
+
+    from baton.config import load_config, to_yaml
+    from pretrain.config import PretrainConfig
+
+    cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "run", synthetic_shards)
+    run = (tmp_path / "run").resolve()
+    want = load_config(PretrainConfig, cfg, ["train.epochs=3", "optim.lr=0.01", f"run_dir={run}"])
+    cfg.write_text(cfg.read_text() + "cluster:\n  partition: gpu\n  nodes: 3\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: nothing could be submitted anyway
+    argv = ["submit", "pretrain", str(cfg), "train.epochs=3", "--print-config", "cluster.nodes=2", "optim.lr=0.01"]
+    assert cli_main(argv) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    cluster = printed.pop("cluster")
+    assert cluster.nodes == 2 and cluster.partition == "gpu" and cluster.executor == "slurm"
+    assert OmegaConf.to_yaml(printed) == to_yaml(want)
+    assert printed.train.epochs == 3 and printed.optim.lr == 0.01 and printed.run_dir == str(run)
+    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+    # what it printed is itself a recipe for the same submission
+    (tmp_path / "again.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(printed, {"cluster": cluster})))
+    assert cli_main(["submit", "pretrain", str(tmp_path / "again.yaml"), "--print-config"]) == 0
+    assert OmegaConf.create(capsys.readouterr().out) == OmegaConf.merge(printed, {"cluster": cluster})
+    assert cli_main(["submit", "pretrain", str(cfg), "train.epochz=3", "--print-config"]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+    assert cli_main(["submit", "shards", "folder", str(tmp_path), "--out", str(tmp_path / "s"), "--print-config"]) == 2
+    assert "--dry-run prints its sbatch script" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["cluster.nodez=2"], "unknown config key 'nodez'"),
     (["cluster.nodes=two"], "cluster.nodes"),

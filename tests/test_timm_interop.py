@@ -69,3 +69,40 @@ def test_released_timm_weights_offline_name_the_cache_to_fill(tmp_path, monkeypa
     assert str(tmp_path / "hub" / "models--timm--resnet10t.c3_in1k") in msg and "hf download timm/resnet10t" in msg
     with pytest.raises(BatonError, match="timm has no model 'no_such_net'"):
         load_backbone("timm:no_such_net")
+
+
+def test_dino_starts_from_pretrained_timm_weights(tmp_path, monkeypatch):
+    """dino.pretrained=FILE (or the same file as backbone_kwargs.pretrained_cfg_overlay): student and
+    teacher backbones start from those weights, not a random init; the handoff's model_config stays
+    the architecture. dino.pretrained=timm offline names the cache of timm's released weights."""
+    from huggingface_hub import constants
+
+    from pretrain.timm_weights import timm_cache_place
+
+    source = tiny_method(backbone="vit_tiny_patch16_224", backbone_kwargs=dict(TINY_VIT))
+    model = source.build_model()
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = source.export({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "export")
+    want = model.teacher.backbone.state_dict()
+    weights = str(out / "backbone.safetensors")
+    for over in ({"pretrained": weights},
+                 {"backbone_kwargs": {**TINY_VIT, "pretrained_cfg_overlay": {"file": weights}}}):
+        started = tiny_method(backbone="vit_tiny_patch16_224", **{"backbone_kwargs": dict(TINY_VIT), **over})
+        fresh = started.build_model()
+        for net in (fresh.student.backbone, fresh.teacher.backbone):
+            got = net.state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        again = started.export({k: v.clone() for k, v in fresh.state_dict().items()}, tmp_path / "again")
+        assert json.loads((again / "backbone.json").read_text())["model_config"] == \
+            {"model_name": "vit_tiny_patch16_224", "num_classes": 0, **TINY_VIT}
+    with pytest.raises(BatonError, match="dino.pretrained='nowhere.safetensors': no such weights file"):
+        tiny_method(pretrained="nowhere.safetensors").build_model()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BatonError) as e:
+        tiny_method(backbone="resnet10t", backbone_kwargs={}, pretrained="timm").build_model()
+    assert "dino.pretrained='timm'" in str(e.value) and timm_cache_place("resnet10t")[0] in str(e.value)

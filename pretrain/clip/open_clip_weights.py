@@ -19,6 +19,8 @@ Import (`backbone=open_clip:SPEC` in finetuning, `clip.pretrained=FILE` in pretr
                       or an open_clip_config.json with its model_cfg)
     FILE              an open_clip_train checkpoint; the model name is read from the run's params.txt
     local-dir:DIR     an open_clip local directory (a baton export, a copied hub repository)
+    hf-hub:ORG/NAME   an open_clip repository on the Hugging Face hub (open_clip's own scheme:
+                      open_clip_config.json + its weights), read through the HF cache
 
 Without the hub, released weights fail naming the cache directory to fill.
 """
@@ -43,9 +45,10 @@ from pretrain.weight_cache import fill_hint, hf_repo_cache
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
 SPEC_HELP = ("open_clip:NAME@TAG (released weights), open_clip:NAME@FILE or open_clip:CONFIG.json@FILE "
-             "(an open_clip_train epoch_N.pt), open_clip:FILE (model from the run's params.txt) or "
-             "open_clip:local-dir:DIR")
+             "(an open_clip_train epoch_N.pt), open_clip:FILE (model from the run's params.txt), "
+             "open_clip:local-dir:DIR or open_clip:hf-hub:ORG/NAME")
 
 
 # ------------------------------------------------------------------ export
@@ -134,10 +137,33 @@ def _released_weights(name: str, tag: str) -> tuple[str, dict]:
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); {fill_hint(*place)}") from None
 
 
+def _hub_repository(spec: str) -> dict[str, Any]:
+    """`hf-hub:ORG/NAME`: the repository's open_clip_config.json and weights, downloaded by open_clip
+    (safetensors first) into the HF cache, or found there offline."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    repo = spec[len(HF_HUB):].strip("/")
+    if repo.count("/") != 1:
+        raise BatonError(f"open_clip:{spec}: expected open_clip:hf-hub:ORG/NAME (a Hugging Face repository)")
+    try:
+        config = Path(download_pretrained_from_hf(repo, filename=OPEN_CLIP_CONFIG))
+        weights = download_pretrained_from_hf(repo)  # open_clip_model.safetensors or open_clip_pytorch_model.bin
+    except Exception as e:
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise BatonError(f"open_clip:{spec}: cannot get {OPEN_CLIP_CONFIG} and the weights of the Hugging Face "
+                         f"repository {repo} ({type(e).__name__}: {detail}); "
+                         f"{fill_hint(str(hf_repo_cache(repo)), repo)}") from None
+    cfg, pp = _read_config_json(config)
+    return {"name": repo.split("/")[1], "model_cfg": cfg, "weights": str(weights), "preprocess_cfg": pp,
+            "source": {"open_clip": spec}}
+
+
 def resolve_open_clip(spec: str) -> dict[str, Any]:
     """SPEC (module docstring) -> {"name", "model_cfg", "weights": file, "preprocess_cfg", "source"}."""
     import open_clip
 
+    if spec.startswith(HF_HUB):
+        return _hub_repository(spec)
     if spec.startswith(LOCAL_DIR):
         d = Path(spec[len(LOCAL_DIR):])
         cfg, pp = _read_config_json(d / OPEN_CLIP_CONFIG)

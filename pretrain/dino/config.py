@@ -12,7 +12,7 @@ by the cosine weight-decay schedule below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from baton.config import bounded
 
@@ -28,8 +28,12 @@ class DinoConfig:
     # Extra `timm.create_model` kwargs, e.g. a tiny ViT: {img_size: 64, patch_size: 8, embed_dim: 192,
     # depth: 6, num_heads: 3, dynamic_img_size: true}. A ViT needs dynamic_img_size: true when the
     # local crops are smaller than the global ones (its position embedding is then interpolated).
-    # Typed Any: a mapping whose keys are timm's, not ours.
-    backbone_kwargs: Any = None
+    # A free mapping (its keys are timm's, not ours): `dino.backbone_kwargs.KEY=VALUE` adds one.
+    backbone_kwargs: Optional[Dict[str, Any]] = field(default_factory=dict)
+    # The backbone's starting weights (student and teacher): null (random init) | timm (timm's released
+    # weights of dino.backbone, e.g. vit_small_patch16_224.dino; offline: the cache to fill) | a weights
+    # file timm loads (.safetensors / .pth, e.g. a baton timm export's backbone.safetensors)
+    pretrained: Optional[str] = None
     drop_path_rate: float = bounded(0.1, ge=0, le=1)          # stochastic depth, student only (the teacher has none)
     # --- DINO head: MLP (GELU) -> bottleneck -> L2 norm -> weight-normalised linear to out_dim
     out_dim: int = bounded(65536, ge=1)

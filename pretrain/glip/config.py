@@ -12,7 +12,7 @@ transformer over MiniLM's WordPiece vocabulary, 2 fusion layers. The loss consta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 from baton.config import bounded
 
@@ -25,7 +25,8 @@ STD = [0.25, 0.25, 0.25]
 class GlipConfig:
     # --- image backbone: any timm model (built with num_classes=0); its `forward_features` map is used
     backbone: str = "small_convnet"
-    backbone_kwargs: Any = None          # extra timm.create_model kwargs (a mapping of timm's keys)
+    # extra timm.create_model kwargs (a free mapping of timm's keys: glip.backbone_kwargs.KEY=VALUE)
+    backbone_kwargs: Optional[Dict[str, Any]] = field(default_factory=dict)
     image_size: int = bounded(128, ge=16)   # scenes are resized to image_size x image_size (boxes with them)
     mean: List[float] = field(default_factory=lambda: list(MEAN))
     std: List[float] = field(default_factory=lambda: list(STD))

@@ -38,6 +38,10 @@ def backbone_kwargs(cfg: GlipConfig) -> dict[str, Any]:
     """The `timm.create_model` kwargs of the image backbone (also the handoff's model_config)."""
     if not isinstance(cfg.backbone_kwargs or {}, dict):
         raise BatonError(f"glip.backbone_kwargs must be a mapping of timm kwargs, not {cfg.backbone_kwargs!r}")
+    weights = sorted({"pretrained", "pretrained_cfg_overlay"} & set(cfg.backbone_kwargs or {}))
+    if weights:  # GLIP's backbone starts from a random init: such a key would be silently dropped
+        raise BatonError(f"glip.backbone_kwargs {weights}: GLIP builds its backbone from a random init and has "
+                         f"no pretrained weights option (DINO has dino.pretrained); remove them")
     return {"model_name": cfg.backbone, "num_classes": 0, **dict(cfg.backbone_kwargs or {})}
 
 
