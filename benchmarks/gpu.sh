@@ -38,9 +38,12 @@ else
   PARTS="tests:70 clip_synthetic:75 clip_shards:80 decode:25 dino:35 faiss:35 open_clip_train:75 clip_compile:120"
 fi
 RESERVE=10
+# GPU_SH_SCALE=N multiplies every limit and the total (a loaded CPU box running --smoke; default 1).
+SCALE=${GPU_SH_SCALE:-1}
+TOTAL=$(( TOTAL * SCALE ))
 
 for entry in $PARTS; do
-  part="${entry%%:*}"; limit="${entry##*:}"
+  part="${entry%%:*}"; limit=$(( ${entry##*:} * SCALE ))
   left=$(( TOTAL - RESERVE - ($(date +%s) - START) ))
   [ "$limit" -gt "$left" ] && limit=$left
   status="$PARTS_DIR/$part.status.json"

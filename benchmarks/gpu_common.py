@@ -142,8 +142,8 @@ def ensure_jpeg_shards(work: Path, n: int, size: tuple[int, int]) -> Path:
 
     photos = Path(work) / "photos"
     make_photos(photos, n, size)
-    rc = baton_main(["shards", "folder", str(photos), "--out", str(shards), "--workers", "4", "--shard-size", "256",
-                     "--max-side", str(max(size)), "--jpeg-quality", "90"])
+    rc = baton_main(["shards", "folder", str(photos), "--out", str(shards), "--workers", "4",
+                     "--shard-size", str(max(16, n // 64)), "--max-side", str(max(size)), "--jpeg-quality", "90"])
     if rc != 0:
         raise SystemExit(f"baton shards folder failed ({rc})")
     shutil.rmtree(photos, ignore_errors=True)
