@@ -35,7 +35,7 @@ if [ -n "$SMOKE" ]; then
   PARTS="tests:60 clip_synthetic:120 clip_shards:120 decode:60 dino:60 faiss:60 open_clip_train:180 clip_compile:120"
 else
   TOTAL=${GPU_SH_TOTAL_S:-470}
-  PARTS="tests:70 clip_synthetic:75 clip_shards:80 decode:25 dino:35 faiss:35 open_clip_train:75 clip_compile:120"
+  PARTS="tests:70 clip_synthetic:75 clip_shards:80 decode:25 dino:30 faiss:30 open_clip_train:90 clip_compile:150"
 fi
 RESERVE=10
 # GPU_SH_SCALE=N multiplies every limit and the total (a loaded CPU box running --smoke; default 1).

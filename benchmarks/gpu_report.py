@@ -93,7 +93,7 @@ def markdown(report: dict) -> str:
                 continue
             lines.append(f"| {r['model']} | {r['strategy']} | {r['data']} | {'on' if r['compile'] else 'off'} | "
                          f"{r['batch']} | {_f(r['samples_per_s'])} | {_f(r['step_s'], scale=1e3)} | "
-                         f"{_f(r['peak_memory_bytes'], '{:.2f}', 2 ** -30)} | {_f(r.get('achieved_tflops'))} | "
+                         f"{_f(r['peak_memory_bytes'], '{:.2f}', 2 ** -30)} | {_f(r.get('achieved_tflops'), '{:.3g}')} | "
                          f"{_f(r.get('mfu'), '{:.1%}')} |")
     oc = p.get("open_clip_train", {})
     lines += ["", "| program (same model, batch, shards, workers) | samples/s | step ms |", "|---|---:|---:|"]
