@@ -26,8 +26,16 @@ any per-sample overhead shows) or `--photos N`: N synthetic photos (JPEG 512x384
 gradients plus noise) written by `baton shards folder --max-side 256` into a temporary folder,
 then loaded at `--size 224`, the img2dataset/CLIP case where decoding dominates.
 
+With JPEG shards (`--photos`) a "JPEG bytes" row is the loader of `data.decode_on_device`: the
+workers only check headers and hand the bytes over (the decoding, on the GPU, is not timed here).
+
+CPU decode cores needed per GPU: a GPU that trains at R samples/s (`--step-rate R`, or the
+ViT-B/16 ddp bf16 synthetic rate of `--gpu-json runs/gpu/gpu.json`, what benchmarks/gpu.sh
+measured) needs R / (one core's decode rate) cores decoding for the workers' path; printed for
+both decode limits (one process each: samples/s per core).
+
     python benchmarks/loader.py [--shards data/emoji/train] [--workers 2] [--batch-size 64]
-    python benchmarks/loader.py --photos 4000 --size 224
+    python benchmarks/loader.py --photos 4000 --size 224 [--step-rate 4000 | --gpu-json runs/gpu/gpu.json]
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baton.images import rgb_on_white  # noqa: E402
 from pretrain.config import DataConfig  # noqa: E402
 from pretrain.data import SampleToPair, make_loader, resolve_sources, steps_per_epoch  # noqa: E402
+from pretrain.data.device_decode import EncodedJpegToPair, max_encoded_bytes  # noqa: E402
 from pretrain.data.uint8_images import split_normalize  # noqa: E402
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -72,14 +81,16 @@ def run_baton(shards: str, mode: str, workers: int, batch: int, buffer: int, siz
               handoff: str = "float") -> tuple[int, float]:
     """handoff "float": the workers normalise (a CPU run's `data.image_handoff: auto`, as
     pretrain.clip.method sets it up); "uint8": they hand over uint8 images and the normalisation is
-    left to the device (a GPU run's), not timed here."""
+    left to the device (a GPU run's), not timed here; "jpeg": `data.decode_on_device`'s bytes."""
     sources = resolve_sources(shards)
     dcfg = DataConfig(train_shards=shards, mode=mode, workers=workers, batch_size=batch, shuffle_buffer=buffer)
     steps = steps_per_epoch(sources.num_samples, batch, 1)
     transform, normalize = split_normalize(make_transform(size))
     to_pair = SampleToPair(transform, tokenize, "txt", row_normalize=normalize if handoff == "float" else None)
+    if handoff == "jpeg":
+        to_pair = EncodedJpegToPair(tokenize, "txt", max_encoded_bytes(None, size))
     start, n = time.perf_counter(), 0
-    for images, _, _ in make_loader(sources, dcfg, to_pair, seed=0, epoch=0, rank=0, steps=steps):
+    for images, *_ in make_loader(sources, dcfg, to_pair, seed=0, epoch=0, rank=0, steps=steps):
         n += images.shape[0]
     return n, time.perf_counter() - start
 
@@ -155,6 +166,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--photos", type=int, default=0, metavar="N",
                     help="instead of --shards: N synthetic JPEG photos written as shards (max side 256)")
+    ap.add_argument("--step-rate", type=float, default=None, metavar="R",
+                    help="samples/s one GPU trains at: print the CPU decode cores it needs")
+    ap.add_argument("--gpu-json", default=None, help="benchmarks/gpu.sh's gpu.json: its ViT-B-16 ddp rate as --step-rate")
     args = ap.parse_args()
     if args.photos:
         tmp = Path(tempfile.mkdtemp(prefix="baton-loader-bench-"))
@@ -180,6 +194,8 @@ def benchmark(args: argparse.Namespace) -> int:
             "baton resampled": lambda: run_baton(args.shards, "resampled", *common),
             "baton epoch_exact, uint8": lambda: run_baton(args.shards, "epoch_exact", *common, handoff="uint8"),
             "bare webdataset": lambda: run_webdataset(args.shards, *common)}
+    if images and all(data[:3] == b"\xff\xd8\xff" for data in images[:50]):   # JPEG shards
+        runs["baton, JPEG bytes"] = lambda: run_baton(args.shards, "epoch_exact", *common, handoff="jpeg")
     for name, normalise in LIMITS.items():
         runs[f"{name} (1 process)"] = lambda n=normalise: run_decode_limit(images, args.size, n)
         runs[f"{name} ({args.workers} at once)"] = \
@@ -191,8 +207,9 @@ def benchmark(args: argparse.Namespace) -> int:
             rate = n / seconds
             best[name] = max(best.get(name, 0.0), rate)
             print(f"  run {r + 1} {name:<30} {n:>6} samples {seconds:6.2f} s {rate:8.1f} samples/s", flush=True)
-    limits = {}
+    limits, per_core = {}, {}
     for name in LIMITS:
+        per_core[name] = best[f"{name} (1 process)"]
         limits[f"{name} x{args.workers}"] = best.pop(f"{name} (1 process)") * args.workers
         limits[f"{name} {args.workers} at once"] = best.pop(f"{name} ({args.workers} at once)")
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
@@ -203,7 +220,32 @@ def benchmark(args: argparse.Namespace) -> int:
     for name, rate in [*best.items(), *limits.items()]:
         print(f"{name:<26} {rate:>10.1f} {rate / best['bare webdataset']:>13.2f}x"
               + "".join(f" {rate / v:>26.2f}x" for v in limits.values()))
+    step_rate, where = measured_step_rate(args)
+    print(f"\nCPU decode cores needed per GPU at {step_rate:.0f} samples/s ({where}): "
+          + ", ".join(f"{name} {decode_cores_needed(step_rate, rate):.1f} cores ({rate:.0f} samples/s a core)"
+                      for name, rate in per_core.items()))
     return 0
+
+
+PAPER_STEP_RATE = 4000.0   # CLIP ViT-B/16 at 50 % MFU of an H100 (issue 20's estimate)
+
+
+def decode_cores_needed(step_rate: float, per_core: float) -> float:
+    """Cores of decoding that keep one GPU fed: its step's samples/s over one core's decode samples/s."""
+    return step_rate / per_core
+
+
+def measured_step_rate(args: argparse.Namespace) -> tuple[float, str]:
+    """(samples/s of one GPU's step, where the figure comes from)."""
+    if args.step_rate:
+        return args.step_rate, "--step-rate"
+    if args.gpu_json:
+        import json
+
+        for row in json.loads(Path(args.gpu_json).read_text()).get("parts", {}).get("clip_synthetic", {}).get("rows", []):
+            if row.get("model") == "ViT-B-16" and row.get("strategy") == "ddp" and row.get("samples_per_s"):
+                return row["samples_per_s"], f"ViT-B-16 ddp in {args.gpu_json}"
+    return PAPER_STEP_RATE, "no measured rate given: ViT-B/16 at 50 % MFU of an H100, on paper"
 
 
 if __name__ == "__main__":

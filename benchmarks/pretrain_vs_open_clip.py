@@ -1,8 +1,9 @@
 """Pretraining step throughput: `baton pretrain` vs open_clip's own training program (`open_clip_train`).
 
 Both train the same open_clip model (the model of `--config`, default the demo's
-configs/demo_clip.yaml) on the same WebDataset shards, with the same batch size, fp32, the same
-torch thread count (OMP_NUM_THREADS and baton's train.threads), the same number of DataLoader
+configs/demo_clip.yaml) on the same WebDataset shards, with the same batch size, the same
+torch thread count (OMP_NUM_THREADS and baton's train.threads), the same device and precision
+(`--device`, `--precision`; default cpu, fp32), the same number of DataLoader
 workers, one pass over the shards (baton `data.mode=epoch_exact`, open_clip_train's default
 non-resampled webdataset), the `txt` caption, AdamW with the config's lr / betas / eps / weight decay /
 warm-up and gradient clipping, and the same crop scale. One side after the other, `--repeats`
@@ -57,6 +58,7 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}   # baton's -> open_clip_train's
 OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-9.]+)")
 
 
@@ -65,7 +67,8 @@ def baton_command(args, run_dir: Path) -> list[str]:
             f"data.train_shards={args.shards}", f"data.num_samples={args.num_samples}",
             f"data.batch_size={args.batch_size}", f"data.workers={args.workers}", "data.mode=epoch_exact",
             "data.caption=txt", "train.epochs=1", "train.max_steps=null", "train.stop_after_steps=null",
-            f"train.threads={args.threads}", "train.precision=fp32", "train.device=cpu", "train.log_every=1",
+            f"train.threads={args.threads}", f"train.precision={args.precision}", f"train.device={args.device}",
+            "train.log_every=1",
             "train.checkpoint_every=1000000", "resume=null"]
 
 
@@ -78,7 +81,8 @@ def open_clip_command(args, cfg, model_dir: Path, logs: Path, name: str) -> list
     return [sys.executable, __file__, "--as-open-clip-train", "--train-data", pattern, "--dataset-type", "webdataset",
             "--train-num-samples", str(args.num_samples), "--model", f"local-dir:{model_dir}",
             "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", "1",
-            "--device", "cpu", "--precision", "fp32", "--log-every-n-steps", "1", "--save-frequency", "0",
+            "--device", args.device, "--precision", OPEN_CLIP_PRECISION[args.precision],
+            "--log-every-n-steps", "1", "--save-frequency", "0",
             "--logs", str(logs), "--name", name, "--report-to", "", "--seed", str(cfg.seed),
             "--lr", str(o.lr), "--wd", str(o.weight_decay), "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]),
             "--eps", str(o.eps), "--warmup", str(o.warmup_steps), "--grad-clip-norm", str(o.grad_clip or 1e9),
@@ -138,6 +142,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", type=int, default=5, help="first steps of each run left out (start-up)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=sorted(OPEN_CLIP_PRECISION),
+                   help="baton's train.precision (open_clip_train: fp32 / amp_bf16 / amp)")
     p.add_argument("--work", default=None, help="directory for runs and logs (default: a temporary one)")
     args = p.parse_args()
 

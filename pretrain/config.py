@@ -50,6 +50,15 @@ class DataConfig:
     # "float" (normalised in the workers) or "auto": uint8 when training on a GPU, float on a CPU
     # (where the workers are the parallel part). Both give the same float32 images, bit for bit.
     image_handoff: str = "auto"
+    # CLIP: hand the JPEG bytes to the training process, which decodes the batch on its device
+    # (torchvision.io.decode_jpeg, nvJPEG on CUDA) and crops / resizes / normalises it there
+    # (pretrain/data/device_decode.py): the same shapes, dtype and range as the workers' decoding,
+    # without the CPU cores. JPEG shards only (others are skipped as not_jpeg). On a CPU run it
+    # decodes in the training process on the CPU (for testing; slower than the workers).
+    decode_on_device: bool = False
+    # decode_on_device: the most bytes a JPEG may have (bigger ones are skipped as too_many_bytes);
+    # null: 3 x image_size^2 (the uint8 image's size), at least 64 KiB.
+    decode_max_bytes: Optional[int] = bounded(None, ge=1024)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

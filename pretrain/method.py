@@ -30,6 +30,7 @@ class PretrainMethod:
     """Base class: the defaults are "nothing to do"; a method overrides what it needs."""
 
     name = "base"
+    decodes_on_device = False   # whether the method implements data.decode_on_device (from_loader)
 
     def __init__(self, cfg: "PretrainConfig", info: DistInfo):
         self.cfg, self.info = cfg, info
@@ -59,6 +60,11 @@ class PretrainMethod:
             return None
         self.batch_normalize = None
         return normalize
+
+    def from_loader(self, batch: tuple, keys: list[str]) -> tuple:
+        """The loader's batch, before it moves to the device (`keys`: its samples' keys, for errors).
+        CLIP with data.decode_on_device decodes its JPEG bytes here, on the device. Default: as it is."""
+        return batch
 
     def on_device(self, batch: tuple) -> tuple:
         """The loader's batch just moved to the device, before the strategy casts its dtype: images

@@ -38,6 +38,7 @@ from baton.progress import logs_above_bar, progress_bar
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, steps_per_epoch
+from pretrain.data.device_decode import check_decode_on_device
 from pretrain.method import method_class
 from pretrain.strategies import Strategy, strategy_class
 
@@ -101,6 +102,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     strategy_cls.check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
     shards = resolve_sources(cfg.data.train_shards)  # fails fast, naming a missing shard
     info = init_distributed(cfg.train.device)
+    check_decode_on_device(cfg, method_cls, info.device)
     shards.check_enough_shards(cfg.data.mode, info.world_size, cfg.data.workers)
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, info.rank)
@@ -185,10 +187,12 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             losses, keys = [], []
             for micro in range(accum):
                 *tensors, micro_keys = next(batches)
+                batch = method.from_loader(tuple(tensors), micro_keys)   # decode_on_device: decoded here
+                del tensors
                 last = micro == accum - 1
                 with strategy.accumulating(last):
                     with strategy.autocast():
-                        loss, extras = method.loss(net, strategy.prepare(tuple(tensors), method.on_device), step, total)
+                        loss, extras = method.loss(net, strategy.prepare(batch, method.on_device), step, total)
                     strategy.backward(loss, accum, last)
                 losses.append(loss.detach().float())
                 keys += list(micro_keys)

@@ -38,11 +38,13 @@ NO_DECAY = ("bias", "ln", "norm", "embedding", "logit_scale")
 
 class ClipMethod(PretrainMethod):
     name = "clip"
+    decodes_on_device = True
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
         self._loss_fn = None
         self._eval_tools = None
+        self._device_images = None   # data.decode_on_device: set by sample_map
 
     # ------------------------------------------------------------------ model and data
     def build_model(self) -> nn.Module:
@@ -54,10 +56,25 @@ class ClipMethod(PretrainMethod):
         return model
 
     def sample_map(self, model: nn.Module) -> SampleToPair:
+        train_transform = build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0]
+        if self.cfg.data.decode_on_device:   # JPEG bytes to the training process (pretrain/data/device_decode.py)
+            from pretrain.data.device_decode import DeviceImages, EncodedJpegToPair, max_encoded_bytes
+
+            _, self.batch_normalize = split_normalize(train_transform)   # on the device, after decoding
+            self._device_images = DeviceImages(train_transform, self.info.device)
+            size = preprocess_cfg(model)["image_size"]
+            return EncodedJpegToPair(build_tokenizer(self.cfg.clip), self.cfg.data.caption,
+                                     max_encoded_bytes(self.cfg.data.decode_max_bytes, size))
         # The transform stops at a uint8 tensor; place_normalization says who normalises it.
-        transform, normalize = split_normalize(build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0])
+        transform, normalize = split_normalize(train_transform)
         return SampleToPair(transform, build_tokenizer(self.cfg.clip), self.cfg.data.caption,
                             row_normalize=self.place_normalization(normalize))
+
+    def from_loader(self, batch: tuple, keys: list[str]) -> tuple:
+        """data.decode_on_device: (JPEG bytes, lengths, seeds, tokens) -> (uint8 images on the device, tokens)."""
+        if self._device_images is None:
+            return batch
+        return self._device_images(batch, keys)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return self.decay_groups(model, NO_DECAY)

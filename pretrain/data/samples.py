@@ -36,7 +36,7 @@ from pretrain.data.tar_reader import tar_members
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 REASONS = ("unreadable_shard", "duplicate_key", "missing_image", "missing_caption", "bad_caption",
-           "bad_image", "bad_json")
+           "bad_image", "bad_json", "not_jpeg", "too_many_bytes")   # the last two: data.decode_on_device
 LOG_FIRST = 3   # per worker and reason: the first few skips are logged with key and shard, then counted only
 log = logging.getLogger("baton.data")
 
@@ -190,8 +190,9 @@ class SampleToPair:
         self.transform, self.tokenizer, self.caption = transform, tokenizer, caption
         self.row_normalize = row_normalize
 
-    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, list[str]]:
-        """The image and candidate captions of a raw sample, or `Rejected`."""
+    def captions(self, sample: dict[str, Any]) -> list[str]:
+        """The candidate captions of a raw sample after every check that needs no image decoding, or
+        `Rejected` (missing_image, missing_caption, bad_caption, a mark it carries, bad_json)."""
         if not any(k in sample for k in IMAGE_KEYS):
             decode_image(sample)  # raises missing_image
         raw = sample.get("txt")
@@ -209,10 +210,17 @@ class SampleToPair:
                 captions += [c for c in (json.loads(sample["json"]) or {}).get("captions") or [] if c]
             except (ValueError, AttributeError) as e:
                 raise Rejected("bad_json", str(e)) from None
+        return captions
+
+    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, list[str]]:
+        """The image and candidate captions of a raw sample, or `Rejected`."""
+        captions = self.captions(sample)
         return decode_image(sample), captions
+
+    def pick_caption(self, captions: list[str], seed: int) -> str:
+        return captions[0] if self.caption == "txt" else random.Random(seed).choice(captions)
 
     def __call__(self, sample: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, captions = self.decode(sample)
         pixels = seeded_transform(self.transform, image, seed)
-        text = captions[0] if self.caption == "txt" else random.Random(seed).choice(captions)
-        return pixels, self.tokenizer([text])[0]
+        return pixels, self.tokenizer([self.pick_caption(captions, seed)])[0]
