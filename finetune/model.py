@@ -30,6 +30,8 @@ from torch import nn
 from torchvision import transforms as T
 
 from baton.errors import BatonError
+from baton.handoff import META as HANDOFF_META
+from baton.handoff import BackboneMeta, read_meta
 from baton.io import atomic_path, write_json_atomic
 from baton.registry import Registry
 
@@ -124,7 +126,7 @@ class Embedder:
     model: nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     description: str
-    meta: dict
+    meta: dict  # what `baton evaluate` records about the model (kind, its backbone's metadata)
 
 
 @torch.no_grad()
@@ -157,11 +159,11 @@ def _backbones():
     return backbones
 
 
-def build_backbone(meta: dict) -> nn.Module:
+def build_backbone(meta: BackboneMeta) -> nn.Module:
     return _backbones().build_backbone(meta)
 
 
-def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
+def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, BackboneMeta]:
     """`backbone: timm:NAME`: released timm weights, classifier removed (pretrain.timm_weights)."""
     _backbones()  # a clear error when pretrain (which holds the loaders) is not installed
     from pretrain.timm_weights import load_timm_backbone as load
@@ -169,7 +171,7 @@ def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, d
     return load(name, pretrained=pretrained)
 
 
-def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
+def load_open_clip_backbone(spec: str) -> tuple[nn.Module, BackboneMeta]:
     """`backbone: open_clip:SPEC`: the image tower of open_clip weights (pretrain.clip.open_clip_weights)."""
     _backbones()  # a clear error when pretrain (which holds the loaders) is not installed
     from pretrain.clip.open_clip_weights import load_open_clip_backbone as load
@@ -177,14 +179,11 @@ def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
     return load(spec)
 
 
-def load_random_backbone(like: str) -> tuple[nn.Module, dict]:
+def load_random_backbone(like: str) -> tuple[nn.Module, BackboneMeta]:
     """`backbone: random:DIR`: the architecture of the handoff DIR, randomly initialised from
     torch's global generator (what training from scratch starts from, beside it pretrained)."""
-    from baton.handoff import read_handoff
-
-    _, meta = read_handoff(like)
-    meta = {**meta, "source": {"random_init_like": like}}
-    meta.pop("text", None)  # no trained text tower belongs to a random image tower
+    # no trained text tower belongs to a random image tower
+    meta = read_meta(like).replace(source={"random_init_like": like}, text=None)
     return build_backbone(meta), meta
 
 
@@ -196,7 +195,7 @@ BACKBONE_KINDS = Registry("backbone", {
 })
 
 
-def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
+def load_backbone(path: str | Path) -> tuple[nn.Module, BackboneMeta]:
     """A `baton export` handoff directory; `timm:NAME` (pretrained ImageNet weights via timm);
     `open_clip:SPEC` (released open_clip weights NAME@TAG, an open_clip_train checkpoint, a
     local-dir: export); or `random:DIR` (`load_random_backbone`)."""
@@ -206,16 +205,18 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
     return _backbones().load_backbone(path)
 
 
-def save_embedding_model(model: EmbeddingModel, backbone_meta: dict, out_dir: str | Path,
+def save_embedding_model(model: EmbeddingModel, backbone_meta: BackboneMeta, out_dir: str | Path,
                          source: dict | None = None) -> Path:
-    """Write `out_dir/{model.safetensors, model.json}` atomically (the directory as a whole)."""
+    """Write `out_dir/{model.safetensors, model.json}` atomically (the directory as a whole); the
+    backbone's entry is its handoff metadata in backbone.json's form (`baton.handoff`)."""
+    backbone_meta = BackboneMeta.from_dict(backbone_meta)
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     head = None
     if model.head is not None:
         head = {"in_dim": model.head.in_features, "out_dim": model.head.out_features}
-    meta = {"format": FORMAT, "backbone": backbone_meta, "head": head,
-            "embedding_dim": model.embedding_dim, "preprocess": backbone_meta["preprocess"],
+    meta = {"format": FORMAT, "backbone": backbone_meta.to_dict(), "head": head,
+            "embedding_dim": model.embedding_dim, "preprocess": backbone_meta.preprocess,
             "source": source or {}}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -241,9 +242,9 @@ def load_embedding_model(path: str | Path) -> tuple[EmbeddingModel, dict]:
     meta = json.loads((d / META).read_text())
     if meta.get("format") != FORMAT:
         raise BatonError(f"{d / META}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    backbone_meta = meta["backbone"]
+    backbone_meta = BackboneMeta.from_dict(meta.get("backbone") or {}, f"{d / META}'s backbone")
     head = meta.get("head")
-    model = EmbeddingModel(build_backbone(backbone_meta), int(backbone_meta["embedding_dim"]),
+    model = EmbeddingModel(build_backbone(backbone_meta), backbone_meta.embedding_dim,
                            int(head["out_dim"]) if head else None)
     missing, unexpected = model.load_state_dict(load_file(str(d / WEIGHTS)), strict=False)
     if missing or unexpected:
@@ -269,10 +270,10 @@ def resolve_embedder(spec: str, like: str | None = None, seed: int = 0) -> Embed
             raise BatonError("MODEL=random needs --like HANDOFF_DIR (the architecture to initialise)")
         torch.manual_seed(seed)
         backbone, backbone_meta = load_backbone(f"random:{like}")  # finetuning's backbone=random:DIR, the same init
-        model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), None)
-        return Embedder(model, build_transform(backbone_meta["preprocess"]),
-                        f"random init (seed {seed}) of {backbone_meta.get('architecture', '?')} like {like}",
-                        {"kind": "random", "like": str(like), "seed": seed, "backbone": backbone_meta})
+        model = EmbeddingModel(backbone, backbone_meta.embedding_dim, None)
+        return Embedder(model, build_transform(backbone_meta.preprocess),
+                        f"random init (seed {seed}) of {backbone_meta.architecture or '?'} like {like}",
+                        {"kind": "random", "like": str(like), "seed": seed, "backbone": backbone_meta.to_dict()})
     p = Path(spec)
     if not p.exists():
         raise BatonError(f"model path {p} does not exist: pass a finetune run directory, its model/, "
@@ -281,14 +282,12 @@ def resolve_embedder(spec: str, like: str | None = None, seed: int = 0) -> Embed
         model, meta = load_embedding_model(p)
         return Embedder(model, build_transform(meta["preprocess"]), f"finetuned model {find_model_dir(p)}",
                         {"kind": "finetuned", **meta})
-    from baton.handoff import META as HANDOFF_META
-
     if not (p / HANDOFF_META).is_file() and not p.name == HANDOFF_META:
         raise BatonError(f"{p} is neither a finetuned model (no {META}, nor model/{META}) nor a backbone "
                          f"handoff (no {HANDOFF_META}): pass a finetune run directory, a `baton export` "
                          f"directory, `random --like HANDOFF_DIR` or `pixels`")
     backbone, backbone_meta = load_backbone(p)
-    model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), None)
-    return Embedder(model, build_transform(backbone_meta["preprocess"]),
-                    f"backbone {backbone_meta.get('architecture', '?')} from {p}",
-                    {"kind": "backbone", "backbone": backbone_meta})
+    model = EmbeddingModel(backbone, backbone_meta.embedding_dim, None)
+    return Embedder(model, build_transform(backbone_meta.preprocess),
+                    f"backbone {backbone_meta.architecture or '?'} from {p}",
+                    {"kind": "backbone", "backbone": backbone_meta.to_dict()})

@@ -132,8 +132,8 @@ def run(cfg: FinetuneConfig) -> dict:
         require("faiss", "train.eval_at_end (the held-out metrics after training)")  # and no faiss too
     backbone, backbone_meta = load_backbone(cfg.backbone)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
-        backbone_meta = {**backbone_meta, "preprocess": {**backbone_meta["preprocess"], "resize": cfg.data.test_resize}}
-    model = EmbeddingModel(backbone, int(backbone_meta["embedding_dim"]), cfg.model.embedding_dim or None,
+        backbone_meta = backbone_meta.replace(preprocess={**backbone_meta.preprocess, "resize": cfg.data.test_resize})
+    model = EmbeddingModel(backbone, backbone_meta.embedding_dim, cfg.model.embedding_dim or None,
                            freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
     criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, cfg.loss.kwargs,
                            cfg.miner.name, cfg.miner.kwargs).to(device)
@@ -154,7 +154,7 @@ def run(cfg: FinetuneConfig) -> dict:
     log.info("finetune: %d train images / %d classes, %d test images / %d classes, %d steps on %s",
              len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
 
-    tf = build_transform(backbone_meta["preprocess"], train=True, crop_scale_min=cfg.data.crop_scale_min,
+    tf = build_transform(backbone_meta.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min,
                          hflip=cfg.data.hflip, crop_padding=cfg.data.crop_padding)
     dataset = AugmentedSet(data.train, tf)
     writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project,
@@ -233,7 +233,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.train.eval_at_end:
         images = [im for im, _, _ in data.test]
         labels = np.array([y for _, y, _ in data.test])
-        emb = embed_images(model, build_transform(backbone_meta["preprocess"]), images, desc="embed test")
+        emb = embed_images(model, build_transform(backbone_meta.preprocess), images, desc="embed test")
         metrics = retrieval_metrics(emb, labels)
         summary["metrics"] = metrics
         write_json_atomic(run_dir / "eval.json", {**metrics, "n_queries": n_queries,

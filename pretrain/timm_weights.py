@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from baton.errors import BatonError
+from baton.handoff import BackboneMeta, write_handoff
 from baton.io import write_json_atomic
 from pretrain.weight_cache import fill_hint, hf_repo_cache
 
@@ -47,7 +48,7 @@ def timm_cache_place(name: str) -> tuple[str, str | None] | None:
     return None
 
 
-def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
+def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, BackboneMeta]:
     """`backbone: timm:NAME`: a timm ImageNet model without its classifier (the published DML
     recipes' ResNet-50), weights through timm (its cache or the hub), with the same metadata a
     handoff has, so saved models rebuild through pretrain.backbones' timm builder."""
@@ -68,11 +69,12 @@ def load_timm_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, d
         raise BatonError(f"backbone timm:{name}: cannot build it with pretrained weights "
                          f"({type(e).__name__}: {str(e)[:300]}); {where}") from None
     dc = resolve_data_config({}, model=module)
-    meta = {"library": "timm", "architecture": name, "tower": "model",
-            "model_config": {"model_name": name, "num_classes": 0}, "embedding_dim": int(module.num_features),
-            "preprocess": {"image_size": int(dc["input_size"][-1]), "mean": [float(m) for m in dc["mean"]],
-                           "std": [float(s) for s in dc["std"]], "interpolation": dc.get("interpolation", "bicubic")},
-            "source": {"timm": name, "pretrained": pretrained}}
+    meta = BackboneMeta(
+        library="timm", architecture=name, tower="model", model_config={"model_name": name, "num_classes": 0},
+        embedding_dim=int(module.num_features),
+        preprocess={"image_size": int(dc["input_size"][-1]), "mean": [float(m) for m in dc["mean"]],
+                    "std": [float(s) for s in dc["std"]], "interpolation": dc.get("interpolation", "bicubic")},
+        source={"timm": name, "pretrained": pretrained})
     return module, meta
 
 
@@ -93,19 +95,19 @@ def write_timm_config(out: str | Path, model_config: dict[str, Any], preprocess:
 
 
 def export_timm_backbone(out: str | Path, backbone: nn.Module, weights: dict[str, Any], where: str,
-                         meta: dict[str, Any]) -> Path:
+                         architecture: str, model_config: dict[str, Any], preprocess: dict[str, Any],
+                         source: dict[str, Any]) -> Path:
     """Load `weights` into the freshly built timm `backbone` (a BatonError naming `where`, the config
     keys that built it, when they do not fit) and write it as a timm handoff in OUT: baton's
     backbone files plus timm's config.json, so finetuning, `timm.create_model('local-dir:OUT')` and
-    `pretrained_cfg_overlay=dict(file=...)` all load it. `meta` is backbone.json without
-    `embedding_dim`, which is the backbone's own `num_features`."""
-    from baton.handoff import write_handoff
-
+    `pretrained_cfg_overlay=dict(file=...)` all load it. The handoff's `embedding_dim` is the
+    backbone's own `num_features`."""
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise BatonError(f"the checkpoint's backbone does not match {where}: {e}") from None
-    meta = {**meta, "library": "timm", "tower": "model", "embedding_dim": int(backbone.num_features)}
+    meta = BackboneMeta(library="timm", architecture=architecture, model_config=model_config, tower="model",
+                        embedding_dim=int(backbone.num_features), preprocess=preprocess, source=source)
     write_handoff(out, backbone.state_dict(), meta)
-    write_timm_config(out, meta["model_config"], meta["preprocess"])
+    write_timm_config(out, meta.model_config, meta.preprocess)
     return Path(out)

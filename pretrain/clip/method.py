@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from baton.errors import BatonError
-from baton.handoff import sha256_file, write_handoff
-from baton.io import atomic_path
+from baton.handoff import BackboneMeta, TextTower, write_handoff, write_text_tower
 from pretrain.clip.open_clip_weights import write_open_clip_dir
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
@@ -31,7 +30,6 @@ from pretrain.data import SampleToPair
 from pretrain.data.uint8_images import split_normalize
 from pretrain.method import PretrainMethod
 
-TEXT_WEIGHTS = "text_tower.safetensors"
 # Parameter names (substrings) that get no weight decay besides every tensor of fewer than 2 dims.
 NO_DECAY = ("bias", "ln", "norm", "embedding", "logit_scale")
 
@@ -128,17 +126,11 @@ class ClipMethod(PretrainMethod):
             tag_cfg = open_clip.get_pretrained_cfg(cfg.clip.name, tag) or {}
             preprocess.update({k: list(tag_cfg[k]) for k in ("mean", "std") if k in tag_cfg})
             preprocess["interpolation"] = tag_cfg.get("interpolation", preprocess["interpolation"])
-        meta = {
-            "library": "open_clip",
-            "architecture": cfg.clip.name,
-            "model_config": model_config,
-            "tower": "visual",
-            "embedding_dim": int(model_config["embed_dim"]),
-            "preprocess": preprocess,
-            "source": {**self.source, "method": self.name},
-            "text": write_text_tower(Path(out), model, model_config),
-            "open_clip": write_open_clip_dir(out, model, model_config, preprocess),
-        }
+        meta = BackboneMeta(
+            library="open_clip", architecture=cfg.clip.name, model_config=model_config, tower="visual",
+            embedding_dim=int(model_config["embed_dim"]), preprocess=preprocess,
+            source={**self.source, "method": self.name}, text=export_text_tower(Path(out), model, model_config),
+            extra={"open_clip": write_open_clip_dir(out, model, model_config, preprocess)})
         return write_handoff(out, model.visual.state_dict(), meta)
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -158,16 +150,9 @@ class ClipMethod(PretrainMethod):
             model.train(was_training)
 
 
-def write_text_tower(out: Path, model: nn.Module, model_config: dict) -> dict:
-    """Write the non-visual weights to OUT/text_tower.safetensors; return backbone.json's `text` entry."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-               if not k.startswith("visual.")}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / TEXT_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
+def export_text_tower(out: Path, model: nn.Module, model_config: dict) -> TextTower:
+    """Write the non-visual weights (logit_scale included) as the handoff's text tower."""
     text_cfg = model_config.get("text_cfg", {})
-    return {"weights": TEXT_WEIGHTS, "sha256": sha256_file(out / TEXT_WEIGHTS),
-            "tokenizer": text_cfg.get("hf_tokenizer_name") or "open_clip-simple",
-            "context_length": int(text_cfg.get("context_length", 77))}
+    return write_text_tower(out, {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")},
+                            tokenizer=text_cfg.get("hf_tokenizer_name") or "open_clip-simple",
+                            context_length=int(text_cfg.get("context_length", 77)))

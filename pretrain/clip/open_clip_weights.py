@@ -38,6 +38,7 @@ from torch import nn
 
 from baton.compat import find_open_clip_checkpoint
 from baton.errors import BatonError
+from baton.handoff import BackboneMeta
 from baton.io import atomic_path, write_json_atomic
 from pretrain.clip.model import preprocess_cfg, resolve_packaged_text
 from pretrain.weight_cache import fill_hint, hf_repo_cache
@@ -227,14 +228,14 @@ def build_open_clip(model_cfg: dict[str, Any], weights: str, preprocess: dict | 
     return model.eval()
 
 
-def load_open_clip_backbone(spec: str) -> tuple[nn.Module, dict]:
+def load_open_clip_backbone(spec: str) -> tuple[nn.Module, BackboneMeta]:
     """`backbone=open_clip:SPEC`: the image tower of those weights, with handoff metadata, so a
     finetuned model saved from it rebuilds through `pretrain.backbones` like an exported one."""
     found = resolve_open_clip(spec)
     model = build_open_clip(found["model_cfg"], found["weights"], found["preprocess_cfg"])
-    meta = {"library": "open_clip", "architecture": found["name"], "model_config": found["model_cfg"],
-            "tower": "visual", "embedding_dim": int(found["model_cfg"]["embed_dim"]),
-            "preprocess": preprocess_cfg(model), "source": found["source"]}
+    meta = BackboneMeta(library="open_clip", architecture=found["name"], model_config=found["model_cfg"],
+                        tower="visual", embedding_dim=int(found["model_cfg"]["embed_dim"]),
+                        preprocess=preprocess_cfg(model), source=found["source"])
     visual = model.visual
     del model
     return visual, meta

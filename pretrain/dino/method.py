@@ -207,8 +207,8 @@ class DinoMethod(PretrainMethod):
                              f"(keys look like {sorted(state)[:3]})")
         return export_timm_backbone(
             out, build_backbone(self.dino), weights, f"dino.backbone={self.dino.backbone} {self.dino.backbone_kwargs}",
-            {"architecture": self.dino.backbone, "model_config": timm_kwargs(self.dino), "preprocess": self.preprocess(),
-             "source": {**self.source, "method": self.name, "weights": "teacher"}})
+            architecture=self.dino.backbone, model_config=timm_kwargs(self.dino), preprocess=self.preprocess(),
+            source={**self.source, "method": self.name, "weights": "teacher"})
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Every train.eval_every steps: the weighted k-NN (k=dino.knn_k, T=dino.knn_temperature) of the

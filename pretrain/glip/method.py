@@ -121,8 +121,8 @@ class GlipMethod(PretrainMethod):
                              f"(keys look like {sorted(state)[:3]})")
         return export_timm_backbone(
             out, build_backbone(self.glip), weights, f"glip.backbone={self.glip.backbone} {self.glip.backbone_kwargs}",
-            {"architecture": self.glip.backbone, "model_config": backbone_kwargs(self.glip),
-             "preprocess": self.preprocess(), "source": {**self.source, "method": self.name}})
+            architecture=self.glip.backbone, model_config=backbone_kwargs(self.glip),
+            preprocess=self.preprocess(), source={**self.source, "method": self.name})
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Grounding Recall@1 (IoU >= 0.5) and zero-shot detection mAP on `eval.shards`
