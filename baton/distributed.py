@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from baton.errors import BatonError
 from baton.io import seconds_from_env
+from baton.run import choose_device
 
 TIMEOUT_ENV = "BATON_COLLECTIVE_TIMEOUT_S"
 
@@ -53,12 +54,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = choose_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s()))

@@ -12,7 +12,6 @@ classes (`run_dir/eval.json`, and `test/*` rows in metrics.jsonl).
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -20,16 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from baton.checkpoint import latest_checkpoint, load_checkpoint, refuse_used_run_dir, save_checkpoint
+from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from baton.cli_config import parse_stage_config
 from baton.compat import pml_numpy_rng
-from baton.config import config_changes, to_yaml
+from baton.config import to_yaml
 from baton.errors import BatonError
 from baton.extras import require
-from baton.io import write_json_atomic, write_text_atomic
+from baton.io import write_json_atomic
 from baton.logs import MetricsWriter, setup_logging
-from baton.preemption import EXIT_STOPPED, stop_requested
+from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
+from baton.run import CheckpointCadence, RunLifecycle, choose_device
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -81,17 +81,6 @@ def _check(cfg: FinetuneConfig, n_classes: int) -> None:
                          f"data.m_per_class ({d.m_per_class}); lower data.batch_size")
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise BatonError(f"optim.schedule '{cfg.optim.schedule}' is not cosine or constant")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        raise BatonError(f"train.device '{cfg.train.device}' is not auto, cpu or cuda")
-
-
-def _resume_from(cfg: FinetuneConfig, ckpt_root: Path) -> Path | None:
-    if cfg.resume is None:
-        refuse_used_run_dir(ckpt_root)
-        return None
-    if cfg.resume == "latest":
-        return latest_checkpoint(ckpt_root)
-    return Path(cfg.resume)
 
 
 def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[dict]:
@@ -110,18 +99,12 @@ def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[d
 def run(cfg: FinetuneConfig) -> dict:
     """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
     run_dir = Path(cfg.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    resume = _resume_from(cfg, ckpt_root)
+    run = RunLifecycle(run_dir, cfg.resume, cfg.seed)
+    ckpt_root, resume = run.ckpt_root, run.resume_from
     log = setup_logging(run_dir)
-    if resume is not None and (run_dir / "config.yaml").is_file():
-        for change in config_changes((run_dir / "config.yaml").read_text(), cfg):
-            log.warning("resuming with a changed config: %s", change)
-    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.train.device == "cuda" or
-                          (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu")
+    run.record_config(cfg)
+    run.seed()
+    device = choose_device(cfg.train.device)
 
     data = load_dataset(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.max_skipped_fraction)
     train_labels = [y for _, y, _ in data.train]
@@ -159,7 +142,7 @@ def run(cfg: FinetuneConfig) -> dict:
     dataset = AugmentedSet(data.train, tf)
     writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project,
                            config={"config": to_yaml(cfg)})
-    every = cfg.train.checkpoint_every or steps_per_epoch
+    cadence = CheckpointCadence(cfg.train.checkpoint_every, steps_per_epoch, total)
     model.train()
     window: list[float] = []
     lang_window: list[float] = []
@@ -213,8 +196,8 @@ def run(cfg: FinetuneConfig) -> dict:
                              "".join(f" {k} {v:.4f}" for k, v in extra.items()), time.time() - t0)
                     bar.set_postfix(loss=f"{last_loss:.3f}")
                     window, lang_window = [], []
-                stop = stop_requested()  # a launcher asked to stop (preemption): checkpoint, return
-                if step % every == 0 or step == total or stop:
+                save, stop = cadence.after_step(step)  # stop: a launcher asked to (preemption)
+                if save:
                     checkpoint(epoch if step % steps_per_epoch else epoch + 1)
                 if stop:
                     log.info("stopped on request after step %d with a checkpoint; continue with "

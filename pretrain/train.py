@@ -16,7 +16,6 @@ would have seen. A DDP checkpoint resumes under FSDP2 and the other way round.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,16 +24,16 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir,
-                              refuse_used_run_dir, tmp_step_dir, writing_step)
+from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir, publish_step_dir, tmp_step_dir,
+                              writing_step)
 from baton.cli_config import parse_stage_config
-from baton.config import config_changes, to_yaml
+from baton.config import to_yaml
 from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
-from baton.io import write_text_atomic
 from baton.logs import MetricsWriter, setup_logging
-from baton.preemption import EXIT_STOPPED, stop_requested
+from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
+from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, steps_per_epoch
@@ -50,32 +49,10 @@ def main(argv: list[str]) -> int:
     return 0 if cfg is None else train(cfg)
 
 
-def rng_state() -> dict:
-    """RNG states as tensors and plain lists, so the checkpoint loads with weights_only=True."""
-    version, internal, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def restore(cfg: PretrainConfig, strategy: Strategy, log) -> tuple[int, dict | None]:
-    """Load the checkpoint named by `cfg.resume` through the strategy; return the step to continue
-    from and the saved loader state (None if there is none)."""
-    if cfg.resume is None:
-        refuse_used_run_dir(Path(cfg.run_dir) / "checkpoints")
-        return 0, None
-    path = latest_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "latest" else cfg.resume
+def restore(path: Path | None, strategy: Strategy, log) -> tuple[int, dict | None]:
+    """Load the checkpoint the run resumes from (`RunLifecycle.resume_from`) through the strategy;
+    return the step to continue from and the saved loader state (None if there is none)."""
     if path is None:
-        log.info("resume=latest: no checkpoint in %s yet, starting from step 0", cfg.run_dir)
         return 0, None
     state, meta = load_checkpoint(path)
     strategy.load(Path(meta["path"]), state)
@@ -106,6 +83,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     shards.check_enough_shards(cfg.data.mode, info.world_size, cfg.data.workers)
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, info.rank)
+    run = RunLifecycle(run_dir, cfg.resume, cfg.seed, is_main=info.is_main)
     num_samples = cfg.data.num_samples or shards.num_samples
     if not num_samples:
         raise BatonError(f"cannot tell how many samples {cfg.data.train_shards} holds (no stats.json "
@@ -121,8 +99,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    run.seed()
     method = method_cls(cfg, info)
     model = method.build_model()
     if cfg.train.grad_checkpointing:
@@ -132,17 +109,13 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     n_params = sum(p.numel() for p in model.parameters())
     strategy = strategy_cls(cfg, info, method)
     net, optimizer = strategy.setup(model, method.param_groups)
-    step, loader_state = restore(cfg, strategy, log)
+    step, loader_state = restore(run.resume_from, strategy, log)
     loader = TrainLoader(shards, cfg.data, method.sample_map(strategy.model), seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, steps=epoch_steps * accum)
     if step:
         saved_ranks = (loader_state or {}).get("ranks") or []
         loader.load_state_dict(saved_ranks[info.rank] if len(saved_ranks) == info.world_size else None, step * accum)
-    if info.is_main:
-        if step and (run_dir / "config.yaml").is_file():
-            for change in config_changes((run_dir / "config.yaml").read_text(), cfg):
-                log.warning("resuming with a changed config: %s", change)
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    run.record_config(cfg)
     log.info("%s with %s: %d shards, %d samples, %d steps/epoch (x %d micro-batches) x %d ranks, %d steps in all, "
              "%.2f M parameters", cfg.method, strategy.name, len(shards.urls), num_samples, epoch_steps, accum,
              info.world_size, total, n_params / 1e6)
@@ -154,7 +127,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     window = (time.perf_counter(), step)
     stop_at = min(total, cfg.train.stop_after_steps or total)
     stopped = False
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run.ckpt_root
+    cadence = CheckpointCadence(cfg.train.checkpoint_every, epoch_steps, total)
 
     def checkpoint() -> None:  # collective: every rank's loader position and (sharded) state
         ranks = all_gather_object(loader.state_dict())
@@ -227,13 +201,9 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 scores = method.evaluate(strategy.model, step)
                 if scores:
                     metrics.log(step, **scores)
-            saved = step % cfg.train.checkpoint_every == 0 or step == total
-            if saved:
+            save, stopped = cadence.after_step(step)  # stopped: a launcher asked to (preemption)
+            if save:
                 checkpoint()
-            if stop_requested():  # a launcher asked to stop (preemption): checkpoint, then return
-                if not saved:
-                    checkpoint()
-                stopped = True
     batches.close()  # ends the loader's worker processes
     if stopped:
         log.info("stopped on request after step %d with a checkpoint; continue with resume=latest", step)

@@ -39,14 +39,15 @@ from torch import nn
 
 from baton.compat import disable_deepspeed_op
 from baton.errors import BatonError
+from baton.run import choose_device
 from pretrain.strategies.base import ParamGroups, Strategy, ensure_process_group, resolve_precision
 
 TAG = "deepspeed"   # DeepSpeed's checkpoint tag: its files go to STEP_DIR/deepspeed/
 
 
 def _device_type(cfg) -> str:
-    use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
-    return "cuda" if use_cuda else "cpu"
+    """The device the run will take (`baton.run.choose_device`), before any process group is up."""
+    return choose_device(cfg.train.device).type
 
 
 def _merge(base: dict, extra: dict) -> dict:

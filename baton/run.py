@@ -1,0 +1,133 @@
+"""One run lifecycle for both training loops (`pretrain/train.py`, `finetune/train.py`).
+
+What every baton training run does the same way lives here, once: the run directory's rules
+(a fresh run never writes over checkpoints; `resume=latest` continues in place, `resume=PATH`
+from that step), the resolved `config.yaml` with a warning per key that changed since the run
+started, seeding and the RNG states a checkpoint carries, the device `train.device` names, and
+when to checkpoint (every `train.checkpoint_every` steps, 0 = every epoch; at the end; on a stop
+request from a launcher, `baton.preemption`), keeping the last `train.keep_last`.
+
+A loop keeps only what differs: what it builds, what a step is, and what its checkpoint holds:
+
+    run = RunLifecycle(cfg.run_dir, cfg.resume, cfg.seed, is_main=info.is_main)
+    run.record_config(cfg)                         # after the loop's own config checks
+    run.seed()
+    ... build; if run.resume_from: load it ...
+    cadence = CheckpointCadence(cfg.train.checkpoint_every, steps_per_epoch, total)
+    while ...:                                     # one optimiser step
+        save, stop = cadence.after_step(step)
+        if save: write a checkpoint (keep_last=cfg.train.keep_last)
+        if stop: return EXIT_STOPPED
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from baton.checkpoint import latest_checkpoint, refuse_used_run_dir
+from baton.config import config_changes, to_yaml
+from baton.errors import BatonError
+from baton.io import write_text_atomic
+from baton.preemption import stop_requested
+
+DEVICES = ("auto", "cpu", "cuda")
+log = logging.getLogger("baton")
+
+
+def choose_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`train.device`: auto (cuda when available, else cpu) | cpu | cuda (this rank's GPU when
+    `local_rank` is given)."""
+    if name not in DEVICES:
+        raise BatonError(f"train.device '{name}' is not one of {', '.join(DEVICES)}")
+    use_cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
+
+
+def resolve_resume(resume: str | None, ckpt_root: str | Path) -> Path | None:
+    """The checkpoint a run continues from, by the same rules in every stage: `resume` unset is a
+    fresh run and is refused over a run directory that has checkpoints; `latest` is the newest
+    intact one there (None when there is none yet: a first start); anything else is that path."""
+    if resume is None:
+        refuse_used_run_dir(ckpt_root)
+        return None
+    if resume == "latest":
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            log.info("resume=latest: no checkpoint in %s yet, starting from step 0", ckpt_root)
+        return path
+    return Path(resume)
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain lists, so the checkpoint loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class CheckpointCadence:
+    """When a loop writes a checkpoint: every `every` steps (0: every epoch), at the last step, and
+    whenever a launcher asked to stop (then the loop returns)."""
+    every: int
+    steps_per_epoch: int
+    total: int
+
+    def __post_init__(self):
+        if self.every < 0 or self.steps_per_epoch < 1:
+            raise BatonError(f"train.checkpoint_every must be >= 0 (0: every epoch), not {self.every}")
+
+    def due(self, step: int) -> bool:
+        return step % (self.every or self.steps_per_epoch) == 0 or step == self.total
+
+    def after_step(self, step: int) -> tuple[bool, bool]:
+        """(write a checkpoint now, stop after it). Asks every rank whether to stop (a collective):
+        call it on every rank once per step."""
+        stop = stop_requested()
+        return self.due(step) or stop, stop
+
+
+class RunLifecycle:
+    """A training run's directory, resume point, config record and seed (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path, resume: str | None, seed: int, is_main: bool = True):
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.seed_value = seed
+        self.is_main = is_main
+        self.resume_from = resolve_resume(resume, self.ckpt_root)
+
+    def record_config(self, cfg) -> None:
+        """Write the resolved config to `config.yaml` (main rank); when resuming, first warn of each
+        key that differs from what the run was started with."""
+        if not self.is_main:
+            return
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is not None and path.is_file():
+            for change in config_changes(path.read_text(), cfg):
+                log.warning("resuming with a changed config: %s", change)
+        write_text_atomic(path, to_yaml(cfg))
+
+    def seed(self) -> None:
+        """Seed Python's, numpy's and torch's global generators with the run's seed."""
+        random.seed(self.seed_value)
+        np.random.seed(self.seed_value)
+        torch.manual_seed(self.seed_value)
