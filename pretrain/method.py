@@ -40,6 +40,17 @@ class PretrainMethod:
         # Set by place_normalization when the workers hand images over as uint8
         # (pretrain.data.uint8_images): `on_device` turns them into normalised floats.
         self.batch_normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        # Optimiser steps per epoch: set by the engine (`pretrain.data.run_steps_per_epoch`) before training.
+        self.epoch_steps: Optional[int] = None
+
+    def steps_per_epoch(self) -> int:
+        """The engine's optimiser steps per epoch (what `step // steps_per_epoch` epochs count in);
+        a method built outside the engine (tools, tests) computes it the same way, once."""
+        if self.epoch_steps is None:
+            from pretrain.data import run_steps_per_epoch
+
+            self.epoch_steps = run_steps_per_epoch(self.cfg, self.info.world_size)[1]
+        return self.epoch_steps
 
     def build_model(self) -> nn.Module:
         """ONE module holding everything that is trained or checkpointed. Parameters with

@@ -36,7 +36,7 @@ from baton.progress import logs_above_bar, progress_bar
 from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
-from pretrain.data import TrainLoader, resolve_sources, steps_per_epoch
+from pretrain.data import TrainLoader, resolve_sources, run_steps_per_epoch
 from pretrain.data.device_decode import check_decode_on_device
 from pretrain.method import method_class
 from pretrain.strategies import Strategy, strategy_class
@@ -84,15 +84,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, info.rank)
     run = RunLifecycle(run_dir, cfg.resume, cfg.seed, is_main=info.is_main)
-    num_samples = cfg.data.num_samples or shards.num_samples
-    if not num_samples:
-        raise BatonError(f"cannot tell how many samples {cfg.data.train_shards} holds (no stats.json "
-                         f"beside the shards, nor img2dataset's NNNNN_stats.json for every shard): "
-                         f"set data.num_samples")
-    epoch_steps = steps_per_epoch(num_samples, cfg.data.batch_size, info.world_size) // accum  # optimiser steps
-    if epoch_steps < 1:
-        raise BatonError(f"an epoch of {num_samples} samples holds fewer than train.grad_accum={accum} batches of "
-                         f"data.batch_size={cfg.data.batch_size} x {info.world_size} ranks; lower one of them")
+    num_samples, epoch_steps = run_steps_per_epoch(cfg, info.world_size, shards)  # optimiser steps
     total = cfg.train.epochs * epoch_steps
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
@@ -101,6 +93,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         torch.set_num_threads(cfg.train.threads)
     run.seed()
     method = method_cls(cfg, info)
+    method.epoch_steps = epoch_steps  # the one count the schedule and the method's epochs follow
     model = method.build_model()
     if cfg.train.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):

@@ -37,7 +37,7 @@ from baton.errors import BatonError
 from pretrain.config import DataConfig
 from pretrain.data.batch_buffers import BatchBuffers, FreeBufferReporter
 from pretrain.data.samples import Rejected, SampleMap, StreamProgress, group_samples, shard_files
-from pretrain.data.sources import ShardList, Sources
+from pretrain.data.sources import ShardList, Sources, resolve_sources
 
 MAX_REJECT_RUN = 10_000   # consecutive skips with no usable sample: the data is broken, stop with an error
 log = logging.getLogger("baton.data")
@@ -49,6 +49,26 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
         raise BatonError(f"data.num_samples={num_samples} is less than one global batch "
                          f"(data.batch_size={batch_size} x {world_size} ranks); lower data.batch_size")
     return steps
+
+
+def run_steps_per_epoch(cfg, world_size: int, shards=None) -> tuple[int, int]:
+    """(samples per epoch, optimiser steps per epoch) of a pretraining run: data.num_samples (or the
+    shards' stats.json) over global batches of data.batch_size x ranks, over train.grad_accum
+    micro-batches per step. What the engine schedules by and every method's epochs count
+    (`PretrainMethod.steps_per_epoch`); `shards`: the resolved train_shards, when already at hand."""
+    if shards is None and not cfg.data.num_samples:
+        shards = resolve_sources(cfg.data.train_shards)
+    num_samples = cfg.data.num_samples or shards.num_samples
+    if not num_samples:
+        raise BatonError(f"cannot tell how many samples {cfg.data.train_shards} holds (no stats.json "
+                         f"beside the shards, nor img2dataset's NNNNN_stats.json for every shard): "
+                         f"set data.num_samples")
+    accum = max(1, int(getattr(getattr(cfg, "train", None), "grad_accum", 1) or 1))
+    steps = steps_per_epoch(num_samples, cfg.data.batch_size, world_size) // accum
+    if steps < 1:
+        raise BatonError(f"an epoch of {num_samples} samples holds fewer than train.grad_accum={accum} batches of "
+                         f"data.batch_size={cfg.data.batch_size} x {world_size} ranks; lower one of them")
+    return num_samples, steps
 
 
 def _share(logical: int, start: int, steps: int, workers: int) -> int:

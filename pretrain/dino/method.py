@@ -74,7 +74,6 @@ class DinoMethod(PretrainMethod):
         self.dino = dino_config(cfg)
         if self.dino.centering not in CENTERINGS:
             raise BatonError(f"unknown dino.centering {self.dino.centering!r}: choose one of {', '.join(CENTERINGS)}")
-        self._steps_per_epoch: int | None = None
         self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset
 
     def model_label(self) -> str:
@@ -88,21 +87,6 @@ class DinoMethod(PretrainMethod):
     def global_batch(self) -> int:
         """Samples per optimiser step over all ranks and micro-batches."""
         return self.cfg.data.batch_size * self.info.world_size * self.grad_accum()
-
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps per epoch: the loader's batches per epoch (data.num_samples or the shards'
-        stats.json, `pretrain.data.steps_per_epoch`) over train.grad_accum; computed once."""
-        if self._steps_per_epoch is None:
-            from pretrain.data import resolve_sources, steps_per_epoch
-
-            num = self.cfg.data.num_samples or resolve_sources(self.cfg.data.train_shards).num_samples
-            if not num:
-                raise BatonError(f"cannot tell how many samples {self.cfg.data.train_shards} holds (no "
-                                 f"stats.json beside the shards, nor img2dataset's NNNNN_stats.json "
-                                 f"for every shard): set data.num_samples")
-            batches = steps_per_epoch(num, self.cfg.data.batch_size, self.info.world_size)
-            self._steps_per_epoch = max(1, batches // self.grad_accum())
-        return self._steps_per_epoch
 
     # ------------------------------------------------------------ contract
     def build_model(self) -> nn.Module:
