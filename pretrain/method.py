@@ -14,17 +14,20 @@ strategy) -> clip -> optimiser step -> after_step -> (maybe) evaluate / checkpoi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from baton.distributed import DistInfo
+from baton.errors import BatonError
 from pretrain.data.uint8_images import BatchNormalize, hands_over_uint8
 
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
     from pretrain.data import SampleMap
+
+S = TypeVar("S")
 
 class PretrainMethod:
     """Base class: the defaults are "nothing to do"; a method overrides what it needs."""
@@ -128,6 +131,20 @@ class PretrainMethod:
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         """Monitoring every `train.eval_every` steps, on every rank (may use collectives)."""
         return {}
+
+
+def method_section(cfg: Any, key: str, section: type[S]) -> S:
+    """`cfg.<key>`, a method's own config section, as its dataclass `section`: the loaded dataclass
+    itself, a plain mapping (tools that build a config by hand) read into it, defaults if absent."""
+    value = getattr(cfg, key, None)
+    if value is None:
+        return section()
+    if isinstance(value, section):
+        return value
+    try:
+        return section(**dict(value))
+    except TypeError as e:
+        raise BatonError(f"config key '{key}': {e}; valid keys: {', '.join(section.__dataclass_fields__)}") from None
 
 
 def method_class(name: str) -> type[PretrainMethod]:

@@ -146,3 +146,20 @@ def test_finetune_reads_its_old_key_names_as_the_pretrain_names_with_a_warning(t
     # a run saved with the old names resumes without a changed-config warning
     saved = old.read_text().replace("warmup: 7", "warmup: 7, lr: 0.0001")
     assert config_changes(saved, cfg) == []
+
+
+def test_method_section_reads_the_dataclass_a_mapping_or_nothing():
+    """DINO's and GLIP's methods read their section through one helper (pretrain.method.method_section)."""
+    from types import SimpleNamespace
+
+    from baton.errors import BatonError
+    from pretrain.dino.config import DinoConfig
+    from pretrain.glip.config import GlipConfig
+    from pretrain.method import method_section
+
+    own = DinoConfig(out_dim=32)
+    assert method_section(SimpleNamespace(dino=own), "dino", DinoConfig) is own
+    assert method_section(SimpleNamespace(dino={"out_dim": 16}), "dino", DinoConfig) == DinoConfig(out_dim=16)
+    assert method_section(SimpleNamespace(), "glip", GlipConfig) == GlipConfig()
+    with pytest.raises(BatonError, match="config key 'glip': .*valid keys: .*backbone"):
+        method_section(SimpleNamespace(glip={"no_such_key": 1}), "glip", GlipConfig)

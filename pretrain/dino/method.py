@@ -33,25 +33,11 @@ from pretrain.dino.koleo import koleo_loss
 from pretrain.dino.loss import dino_loss, distillation_loss, sinkhorn_knopp_targets, updated_center
 from pretrain.dino.model import DinoModel, build_backbone, timm_kwargs
 from pretrain.dino.monitor import knn_monitor
-from pretrain.method import PretrainMethod
+from pretrain.method import PretrainMethod, method_section
 from pretrain.timm_weights import export_timm_backbone
 
 TEACHER_BACKBONE = "teacher.backbone."
 CENTERINGS = ("centering", "sinkhorn_knopp")
-
-
-def dino_config(cfg: Any) -> DinoConfig:
-    """`cfg.dino` of a PretrainConfig (the method's section: a DinoConfig, or a plain mapping in
-    tools that build a config by hand), defaults if absent."""
-    d = getattr(cfg, "dino", None)
-    if d is None:
-        return DinoConfig()
-    if isinstance(d, DinoConfig):
-        return d
-    try:
-        return DinoConfig(**dict(d))
-    except TypeError as e:
-        raise BatonError(f"config key 'dino': {e}; valid keys: {', '.join(DinoConfig.__dataclass_fields__)}") from None
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -71,7 +57,7 @@ class DinoMethod(PretrainMethod):
 
     def __init__(self, cfg, info: DistInfo):
         super().__init__(cfg, info)
-        self.dino = dino_config(cfg)
+        self.dino = method_section(cfg, "dino", DinoConfig)
         if self.dino.centering not in CENTERINGS:
             raise BatonError(f"unknown dino.centering {self.dino.centering!r}: choose one of {', '.join(CENTERINGS)}")
         self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset

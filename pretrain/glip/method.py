@@ -26,24 +26,11 @@ from pretrain.glip.config import GlipConfig
 from pretrain.glip.data import GroundingSample
 from pretrain.glip.loss import glip_loss
 from pretrain.glip.model import BiCrossAttention, GlipModel, backbone_kwargs, build_backbone, build_tokenizer
-from pretrain.method import PretrainMethod
+from pretrain.method import PretrainMethod, method_section
 from pretrain.timm_weights import export_timm_backbone
 
 BACKBONE = "backbone."
 NO_DECAY = ("bias", "norm", "ln_", "embedding", "gain_", "logit_scale", "bias0")
-
-
-def glip_config(cfg: Any) -> GlipConfig:
-    """`cfg.glip` of a PretrainConfig (a GlipConfig or a plain mapping), defaults if absent."""
-    g = getattr(cfg, "glip", None)
-    if g is None:
-        return GlipConfig()
-    if isinstance(g, GlipConfig):
-        return g
-    try:
-        return GlipConfig(**dict(g))
-    except TypeError as e:
-        raise BatonError(f"config key 'glip': {e}; valid keys: {', '.join(GlipConfig.__dataclass_fields__)}") from None
 
 
 def unwrap(net: nn.Module) -> GlipModel:
@@ -61,7 +48,7 @@ class GlipMethod(PretrainMethod):
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
-        self.glip = glip_config(cfg)
+        self.glip = method_section(cfg, "glip", GlipConfig)
         self._tokenizer = None
         self._evaluator = None
 
