@@ -120,10 +120,12 @@ def iter_records(classes: list[EmojiClass], seed: int) -> Iterator[Sample]:
                            "emoji": cls.text, "codepoints": cls.canon})
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_emoji_arguments(p: argparse.ArgumentParser, seed_help: str, size: int, size_help: str) -> None:
+    """The flags every emoji-drawing source shares (`emoji`, `grounding-emoji`): where to write, the
+    seed of the class split, image size, shard size, a class cap, the designs, --force."""
     p.add_argument("--out", required=True, help="output folder: OUT/train, OUT/test, split.json, stats.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of the class split and sample order")
-    p.add_argument("--size", type=int, default=64, help="images are SIZE x SIZE PNG (default 64)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--size", type=int, default=size, help=f"{size_help} (default {size})")
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     p.add_argument("--max-classes", type=int, default=None, help="keep at most N classes (quick tests)")
     p.add_argument("--designs", default=",".join(DESIGNS),
@@ -131,7 +133,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if OUT/stats.json matches")
 
 
-def _parse_designs(text: str) -> list[str]:
+def check_max_classes(args: argparse.Namespace) -> None:
+    if args.max_classes is not None and args.max_classes < 2:
+        raise BatonError(f"--max-classes must be at least 2 (one train and one test class), got {args.max_classes}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_emoji_arguments(p, "seed of the class split and sample order", 64, "images are SIZE x SIZE PNG")
+
+
+def parse_designs(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise BatonError(f"--designs: no design given; choose from {','.join(DESIGNS)}")
@@ -148,9 +159,8 @@ def _is_done(out: Path, args_key: dict[str, Any]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_classes is not None and args.max_classes < 2:
-        raise BatonError(f"--max-classes must be at least 2 (one train and one test class), got {args.max_classes}")
-    requested = _parse_designs(args.designs)
+    check_max_classes(args)
+    requested = parse_designs(args.designs)
     designs, missing = load_designs(requested)
     found = [d.name for d in designs]
     print(f"emoji designs found: {', '.join(found) or 'none'}")

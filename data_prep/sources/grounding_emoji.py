@@ -33,9 +33,9 @@ from PIL import Image
 
 from baton.errors import BatonError
 from baton.io import write_json_atomic
-from data_prep.emoji_designs import DESIGNS, Design, load_designs
+from data_prep.emoji_designs import Design, load_designs
 from data_prep.images import SkipSample
-from data_prep.sources.emoji import EmojiClass, _parse_designs, build_classes
+from data_prep.sources.emoji import EmojiClass, add_emoji_arguments, build_classes, check_max_classes, parse_designs
 from data_prep.job import write_shards
 from data_prep.writer import STATS, Sample, print_summary, read_stats
 
@@ -121,24 +121,16 @@ def iter_scenes(classes: list[EmojiClass], glyphs: dict[str, dict[str, Image.Ima
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder: OUT/train, OUT/test, split.json, stats.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of the class split (as `emoji`) and the scenes")
-    p.add_argument("--size", type=int, default=128, help="canvas: SIZE x SIZE PNG (default 128)")
+    add_emoji_arguments(p, "seed of the class split (as `emoji`) and the scenes", 128, "canvas: SIZE x SIZE PNG")
     p.add_argument("--train-scenes", type=int, default=2000, help="scenes of train classes (default 2000)")
     p.add_argument("--test-scenes", type=int, default=500, help="scenes of held-out classes (default 500)")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--max-classes", type=int, default=None, help="keep at most N classes (quick tests)")
-    p.add_argument("--designs", default=",".join(DESIGNS),
-                   help=f"comma-separated designs to use if installed (default {','.join(DESIGNS)})")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT/stats.json matches")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_classes is not None and args.max_classes < 2:
-        raise BatonError(f"--max-classes must be at least 2 (one train and one test class), got {args.max_classes}")
+    check_max_classes(args)
     if args.size < 16:
         raise BatonError(f"--size must be at least 16 pixels, got {args.size}")
-    designs, missing = load_designs(_parse_designs(args.designs))
+    designs, missing = load_designs(parse_designs(args.designs))
     found = [d.name for d in designs]
     if len(designs) < 2:   # build_classes keeps classes drawn by >= 2 designs, as the emoji source
         raise BatonError(f"grounding-emoji needs at least 2 emoji designs installed ({missing}); "
