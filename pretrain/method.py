@@ -7,14 +7,15 @@ does whatever must follow an optimiser step (a clamp, an EMA teacher update) and
 handoff from a checkpoint's full state dict. The config key `method` picks one from
 `pretrain.methods.METHODS`, which also names each method's config section (`cfg.method_section`).
 
-Per step the loop calls: adjust_optimizer -> loss (per micro-batch; backward through the
-strategy) -> clip -> optimiser step -> after_step -> (maybe) evaluate / checkpoint / stop check.
+Per step the loop calls: adjust_optimizer -> accumulate (the step's `train.grad_accum` micro-batches:
+by default `loss` per micro-batch, backward through the strategy) -> clip -> optimiser step ->
+after_step -> (maybe) evaluate / checkpoint / stop check.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from pretrain.data.uint8_images import BatchNormalize, hands_over_uint8
 if TYPE_CHECKING:
     from pretrain.config import PretrainConfig
     from pretrain.data import SampleMap
+    from pretrain.strategies import Strategy
 
 S = TypeVar("S")
 
@@ -111,6 +113,28 @@ class PretrainMethod:
         """Forward through the WRAPPED module `net` (exactly one call per micro-batch); return the
         scalar loss and extra scalars to log. `batch` holds the loader's tensors, on the device."""
         raise NotImplementedError
+
+    def accumulate(self, net: nn.Module, strategy: "Strategy", micro_batches: Iterable[tuple], step: int,
+                   total: int) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Forward and backward of one optimiser step's `train.grad_accum` micro-batches (the loader's
+        tensors through `from_loader`, not yet `prepare`d); return the step's losses (detached, for logging and the finite
+        check) and the extras of `loss`. The gradients left in the module are the step's.
+
+        Default, plain gradient accumulation, right for a loss that is a mean over samples (DINO,
+        GLIP): each micro-batch's `loss`, its gradient divided by the count; the strategy syncs
+        only the last one (`accumulating`). A method whose loss couples the samples of a batch
+        overrides this (CLIP: the contrastive loss over the whole accumulated batch)."""
+        accum = self.cfg.train.grad_accum
+        losses: list[torch.Tensor] = []
+        extras: dict[str, float] = {}
+        for micro, tensors in enumerate(micro_batches):
+            last = micro == accum - 1
+            with strategy.accumulating(last):
+                with strategy.autocast():
+                    loss, extras = self.loss(net, strategy.prepare(tensors, self.on_device), step, total)
+                strategy.backward(loss, accum, last)
+            losses.append(loss.detach().float())
+        return losses, extras
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         """After optimizer.step(), under torch.no_grad(), on the unwrapped module (FSDP2: DTensor

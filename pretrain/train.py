@@ -38,7 +38,7 @@ from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, run_steps_per_epoch
 from pretrain.data.device_decode import check_decode_on_device
-from pretrain.method import method_class
+from pretrain.method import PretrainMethod, method_class
 from pretrain.strategies import Strategy, strategy_class
 
 
@@ -66,6 +66,18 @@ def forever(loader: TrainLoader) -> Iterator[tuple]:
     """The loader's batches across epochs: (*tensors, keys)."""
     while True:
         yield from loader.epoch_batches()
+
+
+def micro_batches(method: PretrainMethod, batches: Iterator[tuple], accum: int, keys: list) -> Iterator[tuple]:
+    """One optimiser step's `accum` micro-batches: the loader's tensors through `method.from_loader`
+    (the sample keys go to `keys`)."""
+    for _ in range(accum):
+        *tensors, micro_keys = next(batches)
+        keys += list(micro_keys)
+        batch = method.from_loader(tuple(tensors), micro_keys)   # decode_on_device: decoded here
+        del tensors   # so that the batch's buffers can go back to their worker (batch_buffers)
+        yield batch
+        del batch
 
 
 def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] = None,
@@ -151,18 +163,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
                 group["lr"] = cfg.optim.lr * lr_factor(step, total, cfg.optim.warmup_steps)
             method.adjust_optimizer(optimizer, step, total)
             lr = optimizer.param_groups[0]["lr"]
-            losses, keys = [], []
-            for micro in range(accum):
-                *tensors, micro_keys = next(batches)
-                batch = method.from_loader(tuple(tensors), micro_keys)   # decode_on_device: decoded here
-                del tensors
-                last = micro == accum - 1
-                with strategy.accumulating(last):
-                    with strategy.autocast():
-                        loss, extras = method.loss(net, strategy.prepare(batch, method.on_device), step, total)
-                    strategy.backward(loss, accum, last)
-                losses.append(loss.detach().float())
-                keys += list(micro_keys)
+            keys: list = []
+            losses, extras = method.accumulate(net, strategy, micro_batches(method, batches, accum, keys), step, total)
             # every rank learns whether any rank's loss is not finite, before the update that would
             # spread it into the weights and the next checkpoint
             step_losses = torch.stack(losses)

@@ -5,9 +5,10 @@ tests below assert on what it left behind:
 
 - `torch_launch` (torchrun, 2 ranks): float64 ClipLoss gradients over 2 ranks vs one process; a run
   with more loader workers than shards; DDP and FSDP2 each train 12 steps, then the same run is cut
-  after step 6 (checkpoint at 4) and resumed; DDP also with grad_accum=2 and with activation
-  checkpointing; an FSDP2 run resumes the cut DDP run; a DDP checkpoint loaded into an FSDP2
-  module (and the reverse) is compared tensor by tensor.
+  after step 6 (checkpoint at 4) and resumed; DDP also with grad_accum=2 (CLIP's full-batch
+  accumulation, and plain with clip.accum_loss=micro_batch) and with activation checkpointing; an
+  FSDP2 run resumes the cut DDP run; a DDP checkpoint loaded into an FSDP2 module (and the reverse)
+  is compared tensor by tensor.
 - `deepspeed_launch` (torchrun, 2 ranks, beside the torch launch): ZeRO-2 (the same 12 steps, cut + resume, grad_accum=2)
   and a short ZeRO-3 bf16 run.
 - `nodes`: two torchrun agents of one process each meeting through a c10d rendezvous (two "nodes").
@@ -182,11 +183,15 @@ def test_grad_accumulation_and_activation_checkpointing(torch_launch, deepspeed_
     full = final_state(torch_launch / "ddp" / "full", EVERY)
     # activation checkpointing recomputes the same numbers
     assert_same(final_state(torch_launch / "ddp" / "ckpt", EVERY), full, atol=1e-6)
-    # 2 micro-batches of 4 per step: DDP (no_sync, loss / 2) and DeepSpeed (its own accumulation) agree,
-    # and differ from one batch of 8 (the contrastive loss sees 4 x 2 ranks at a time)
+    # 2 micro-batches of 4 per step, CLIP's full-batch accumulation (the loss over both micro-batches'
+    # features, pretrain/clip/accumulation.py): DDP (no_sync) and DeepSpeed (its own accumulation) train
+    # the weights of one batch of 8 per rank
     ddp, ds = final_state(torch_launch / "ddp" / "accum", EVERY), final_state(deepspeed_launch / "ds2" / "accum", EVERY)
-    assert_same(ddp, ds, atol=1e-5)
-    assert not torch.allclose(ddp["visual.proj"], full["visual.proj"], atol=1e-4)
+    assert_same(ddp, full, atol=1e-5)
+    assert_same(ds, full, atol=1e-5)
+    # plain accumulation (clip.accum_loss=micro_batch) contrasts 4 x 2 ranks at a time: other weights
+    plain = final_state(torch_launch / "ddp" / "accum_micro", EVERY)
+    assert not torch.allclose(plain["visual.proj"], full["visual.proj"], atol=1e-4)
     assert [r["step"] for r in read_metrics(torch_launch / "ddp" / "accum" / "metrics.jsonl")] == list(range(1, EVERY + 1))
 
 
@@ -313,6 +318,8 @@ def _worker(mode: str, out: Path, shards: str) -> None:
         full_and_cut(out / "ddp", "train.strategy=ddp", sync="ddp")
         full_and_cut(out / "fsdp", "train.strategy=fsdp")
         run(out / "ddp" / "accum", "data.batch_size=4", "train.grad_accum=2", f"train.stop_after_steps={EVERY}")
+        run(out / "ddp" / "accum_micro", "data.batch_size=4", "train.grad_accum=2", "clip.accum_loss=micro_batch",
+            f"train.stop_after_steps={EVERY}")
         run(out / "ddp" / "ckpt", "train.grad_checkpointing=true", f"train.stop_after_steps={EVERY}")
         shutil.copytree(out / "ddp" / "cut" / "checkpoints" / "step_000004", out / "ddp_to_fsdp" / "checkpoints" / "step_000004") \
             if rank == 0 else None

@@ -28,3 +28,8 @@ class ClipConfig:
     lock_text_unlocked_layers: int = bounded(0, ge=0)
     lock_text_freeze_layer_norm: bool = True
     lock_text_cache: int = bounded(200_000, ge=0)
+    # What train.grad_accum > 1 contrasts (pretrain/clip/accumulation.py). full_batch: the loss over
+    # the features of all the step's micro-batches, data.batch_size x grad_accum x ranks pairs, as
+    # open_clip_train's --accum-freq and GradCache (each micro-batch forwarded twice). micro_batch:
+    # each micro-batch's own loss (data.batch_size x ranks pairs), its gradients summed; one forward.
+    accum_loss: str = "full_batch"

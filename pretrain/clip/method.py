@@ -30,6 +30,7 @@ from pretrain.data import SampleToPair
 from pretrain.data.uint8_images import split_normalize
 from pretrain.method import PretrainMethod
 
+ACCUM_LOSSES = ("full_batch", "micro_batch")   # clip.accum_loss
 # Parameter names (substrings) that get no weight decay besides every tensor of fewer than 2 dims.
 NO_DECAY = ("bias", "ln", "norm", "embedding", "logit_scale")
 
@@ -40,6 +41,8 @@ class ClipMethod(PretrainMethod):
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
+        if cfg.clip.accum_loss not in ACCUM_LOSSES:
+            raise BatonError(f"clip.accum_loss must be one of {', '.join(ACCUM_LOSSES)}, not {cfg.clip.accum_loss!r}")
         self._loss_fn = None
         self._eval_tools = None
         self._device_images = None   # data.decode_on_device: set by sample_map
@@ -97,14 +100,27 @@ class ClipMethod(PretrainMethod):
                                                rank=self.info.rank, world_size=self.info.world_size)
         return self._loss_fn
 
-    def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def features(self, net: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features, logit scale) of a batch of (images, tokens) through `net`."""
         images, texts = batch
         out = net(images, texts)
         # The clamp after each step keeps the parameter <= ln 100; under DeepSpeed the step writes its fp32
         # master copy back over it, so the temperature is also capped here (a no-op everywhere else).
-        scale = out["logit_scale"].clamp(max=math.exp(MAX_LOGIT_SCALE))
-        loss = self.loss_fn()(out["image_features"], out["text_features"], scale)
-        return loss, {"logit_scale": float(scale.detach().float())}
+        return out["image_features"], out["text_features"], out["logit_scale"].clamp(max=math.exp(MAX_LOGIT_SCALE))
+
+    def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        image, text, scale = self.features(net, batch)
+        return self.loss_fn()(image, text, scale), {"logit_scale": float(scale.detach().float())}
+
+    def accumulate(self, net, strategy, micro_batches, step: int, total: int):
+        """train.grad_accum > 1: the contrastive loss over all the step's micro-batches
+        (`clip.accum_loss: full_batch`, pretrain/clip/accumulation.py) or plain accumulation of
+        each micro-batch's own loss (`micro_batch`)."""
+        if self.cfg.train.grad_accum > 1 and self.cfg.clip.accum_loss == "full_batch":
+            from pretrain.clip.accumulation import full_batch_step
+
+            return full_batch_step(self, net, strategy, micro_batches, step, total)
+        return super().accumulate(net, strategy, micro_batches, step, total)
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         clamp_logit_scale(model)

@@ -2,7 +2,7 @@
 
 A strategy owns how the method's one module is spread over ranks: it wraps the module and builds
 the optimiser (`setup`), runs forward under the right precision (`autocast`, `prepare`),
-accumulates gradients (`accumulating`, `backward`), clips and steps (`step`), and writes and
+accumulates gradients (`accumulating`, `backward`; `no_grad_net` for a forward outside them), clips and steps (`step`), and writes and
 reads its checkpoint files inside a step directory (`save`, `load`, `read_full_model_state`).
 
 Model and optimiser state go through `torch.distributed.checkpoint.state_dict` (get/set_state_dict):
@@ -83,7 +83,14 @@ class Strategy:
         return nullcontext()
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        """Backward of `loss / accum` (a micro-batch's share of the step), gradients accumulated."""
         (loss / accum).backward()
+
+    def no_grad_net(self) -> nn.Module:
+        """The module to call for an extra forward under torch.no_grad() inside a step (CLIP's feature
+        pass of full-batch accumulation): nothing is prepared for a backward or synced for it.
+        Default: the module itself (FSDP2 shards it in place, so this is its sharded forward)."""
+        return self.model
 
     def step(self, grad_clip: float | None) -> None:
         if grad_clip:

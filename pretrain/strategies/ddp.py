@@ -43,6 +43,11 @@ class DDPStrategy(Strategy):
     def accumulating(self, last: bool) -> ContextManager:
         return self.net.no_sync() if self.info.distributed and not last else nullcontext()
 
+    def no_grad_net(self) -> nn.Module:
+        # The unwrapped module: DDP's own forward would broadcast rank 0's buffers and mark the next
+        # forward as not needing it, so the step's first forward with gradients would skip the broadcast.
+        return self.model
+
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         loss = loss / accum
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -189,8 +189,14 @@ class DeepSpeedStrategy(Strategy):
             return batch
         return tuple(t.to(self.dtype) if t.is_floating_point() else t for t in batch)
 
+    def no_grad_net(self) -> nn.Module:
+        return self.engine   # its forward gathers ZeRO-3 parameters; under no_grad it prepares no backward
+
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
-        self.engine.backward(loss)   # DeepSpeed divides by gradient_accumulation_steps itself
+        # loss / accum here rather than DeepSpeed's own division by gradient_accumulation_steps
+        # (the same number, checked in check_config), so a caller can pass accum=1 for a loss that
+        # is already its micro-batch's share (CLIP's full-batch accumulation)
+        self.engine.backward(loss / accum, scale_wrt_gas=False)
         if not last:
             self.engine.step()       # only counts the micro-step (no update before the boundary)
 
