@@ -85,7 +85,9 @@ class TrainConfig:
     # Extra DeepSpeed config entries merged over the ones baton derives (e.g. {zero_optimization:
     # {overlap_comm: true}}); checked by DeepSpeed's own config classes before any process starts.
     deepspeed: Any = None
-    grad_accum: int = bounded(1, ge=1)                 # micro-batches of data.batch_size per optimiser step
+    # Micro-batches of data.batch_size per optimiser step. CLIP computes its contrastive loss over all
+    # of them (clip.accum_loss: full_batch, pretrain/clip/accumulation.py); DINO, GLIP accumulate plainly.
+    grad_accum: int = bounded(1, ge=1)
     grad_checkpointing: bool = False    # recompute activations in backward (the model's set_grad_checkpointing)
     compile: bool = False               # torch.compile the model (nn.Module.compile, state-dict names unchanged)
     eval_every: int = bounded(0, ge=0)                 # steps between method.evaluate calls, and at the end (0: never)

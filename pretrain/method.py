@@ -116,9 +116,10 @@ class PretrainMethod:
 
     def accumulate(self, net: nn.Module, strategy: "Strategy", micro_batches: Iterable[tuple], step: int,
                    total: int) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """Forward and backward of one optimiser step's `train.grad_accum` micro-batches (the loader's
-        tensors through `from_loader`, not yet `prepare`d); return the step's losses (detached, for logging and the finite
-        check) and the extras of `loss`. The gradients left in the module are the step's.
+        """Forward and backward of one optimiser step's `train.grad_accum` micro-batches (the
+        loader's tensors through `from_loader`, not yet `prepare`d); return the step's losses (detached,
+        for logging and the finite check) and the extras of `loss`. The gradients left in the module
+        are the step's.
 
         Default, plain gradient accumulation, right for a loss that is a mean over samples (DINO,
         GLIP): each micro-batch's `loss`, its gradient divided by the count; the strategy syncs

@@ -19,13 +19,14 @@ open_clip_train's `--accum-freq` also implements:
    `accumulating` / `backward`, so DDP syncs the last micro-batch only, FSDP2 and DeepSpeed
    accumulate as they always do, and fp16 loss scaling applies.
 
-Unlike open_clip_train, which calls backward on the full loss for every micro-batch (the logit scale
+The loss logged for the step is that full-batch loss (plain accumulation logs the mean of the
+micro-batches' own losses). Unlike open_clip_train, which calls backward on the full loss for every micro-batch (the logit scale
 then gets its gradient accum times over), the temperature's gradient here is the full-batch one.
 
 Memory on the device: one micro-batch of activations, plus the features of the whole accumulated
 batch (2 x embed_dim numbers a sample) and its logits (those of one big batch). The step's input
-batches stay on the host as the loader gave them (uint8 on a GPU run) and are moved to the device
-again in pass 3. Compute: one extra forward per micro-batch (about 4/3 of plain accumulation).
+batches are kept as the loader gave them, on the host (uint8 on a GPU run; with
+data.decode_on_device, decoded uint8 images on the device), and `prepare`d again in pass 3. Compute: one extra forward per micro-batch (about 4/3 of plain accumulation).
 
 Buffers that a train-mode forward updates (BatchNorm running statistics) are put back after the
 feature pass, so they are updated once per micro-batch, by the gradient pass, as in plain

@@ -3,7 +3,8 @@
 The loss is open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`: each rank scores its
 own B images against all N*B gathered texts (and vice versa), so logit memory grows with the local
 batch, and gradients flow through the gather, so N ranks x B samples give exactly the gradients of
-one N*B batch. Weight decay skips gains, biases, embeddings and the logit scale (open_clip_train's
+one N*B batch. With `train.grad_accum` = K the loss is that of the whole accumulated batch (K*N*B
+pairs; pretrain/clip/accumulation.py), unless `clip.accum_loss: micro_batch`. Weight decay skips gains, biases, embeddings and the logit scale (open_clip_train's
 rule), and the learned temperature is clamped to [0, ln 100] after every step, as CLIP does.
 
 The handoff is the image tower (`backbone.safetensors`, open_clip's `visual.*` names without the
