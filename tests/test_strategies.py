@@ -183,13 +183,10 @@ def test_grad_accumulation_and_activation_checkpointing(torch_launch, deepspeed_
     full = final_state(torch_launch / "ddp" / "full", EVERY)
     # activation checkpointing recomputes the same numbers
     assert_same(final_state(torch_launch / "ddp" / "ckpt", EVERY), full, atol=1e-6)
-    # 2 micro-batches of 4 per step, CLIP's full-batch accumulation (the loss over both micro-batches'
-    # features, pretrain/clip/accumulation.py): DDP (no_sync) and DeepSpeed (its own accumulation) train
-    # the weights of one batch of 8 per rank
-    ddp, ds = final_state(torch_launch / "ddp" / "accum", EVERY), final_state(deepspeed_launch / "ds2" / "accum", EVERY)
-    assert_same(ddp, full, atol=1e-5)
-    assert_same(ds, full, atol=1e-5)
-    # plain accumulation (clip.accum_loss=micro_batch) contrasts 4 x 2 ranks at a time: other weights
+    # 2 micro-batches of 4, CLIP's full-batch accumulation: DDP (no_sync) and DeepSpeed (its own
+    # accumulation) train the weights of one batch of 8; plain accumulation (micro_batch) does not
+    for accumulated in (torch_launch / "ddp" / "accum", deepspeed_launch / "ds2" / "accum"):
+        assert_same(final_state(accumulated, EVERY), full, atol=1e-5)
     plain = final_state(torch_launch / "ddp" / "accum_micro", EVERY)
     assert not torch.allclose(plain["visual.proj"], full["visual.proj"], atol=1e-4)
     assert [r["step"] for r in read_metrics(torch_launch / "ddp" / "accum" / "metrics.jsonl")] == list(range(1, EVERY + 1))
