@@ -96,6 +96,9 @@ class TrainConfig:
     keep_last: int = bounded(2, ge=0)              # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
+    # Steps whose loss is not finite that may be skipped in the whole run (as in pretraining,
+    # baton/nonfinite.py): 0 stops at the first; N skips up to N and stops at one more.
+    max_nonfinite_steps: int = bounded(0, ge=0)
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
     tensorboard: bool = True
     wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)

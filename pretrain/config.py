@@ -97,6 +97,10 @@ class TrainConfig:
     # torch intra-op threads in each training process (None: torch's default, one per core). On a
     # small CPU box shared with loader workers or other jobs, 1 avoids OpenMP oversubscription.
     threads: Optional[int] = bounded(None, ge=1)
+    # Steps whose loss is not finite (on any rank) that may be skipped in the whole run, resumes
+    # included (baton/nonfinite.py): 0 stops at the first, naming the last good checkpoint; N skips
+    # up to N (nothing of such a step applied, its number logged and saved) and stops at one more.
+    max_nonfinite_steps: int = bounded(0, ge=0)
     # Stop as if killed right after this global step (no extra checkpoint): lets tests and
     # time-boxed jobs interrupt deterministically, then continue with resume=latest.
     stop_after_steps: Optional[int] = bounded(None, ge=0)
