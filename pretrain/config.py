@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, List, Optional
 
 from baton.config import ChosenSection, bounded
+from baton.skips import MAX_SKIPPED_FRACTION
 from pretrain.methods import method_sections
 
 
@@ -116,6 +117,10 @@ class EvalConfig:
     # image among them is then left out and counted); None: all.
     max_samples: Optional[int] = bounded(5000, ge=1)
     batch_size: int = bounded(256, gt=0)               # images / captions / prompts embedded at a time, per rank
+    # The share of the held-out samples (eval.shards, dino.knn_shards) that may be skipped (bad
+    # image or json, no caption) or lost (a truncated shard) before evaluation fails naming the
+    # shards (the rule of finetuning's data.max_skipped_fraction, baton/skips.py); below it counted.
+    max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)
     chunk_size: int = bounded(1024, ge=1)              # queries scored at a time (each against all candidates)
     # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
     # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.
