@@ -51,15 +51,20 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise SkipSample("unreadable_file", f"{p}: {e}") from None
 
 
-def decode(data: bytes, where: str = "") -> Image.Image:
+def decode(data: bytes, where: str = "", draft: bool = False) -> Image.Image:
     """Fully decode `data`; raise SkipSample('undecodable_image') on any decoder complaint.
 
     Decompression-bomb warnings are promoted to errors: a huge image would stall training.
+    `draft`: a JPEG is decoded at 1/8 scale (libjpeg's DCT scaling), for checking a file whose
+    pixels are not kept: every byte of its entropy-coded data is still read, so a truncated or
+    corrupt file fails as in a full decode, at a fraction of the cost.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except Exception as e:  # Pillow raises many types: UnidentifiedImageError, OSError, SyntaxError...
         raise SkipSample("undecodable_image", f"{where}: {type(e).__name__}: {e}") from None

@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional
 
 from baton.config import bounded
-
-# The default of `data.max_skipped_fraction` (and `baton evaluate --max-skipped-fraction`): a
-# labelled set with more than 1 % of its samples skipped or lost is broken, not unlucky.
-MAX_SKIPPED_FRACTION = 0.01
+from baton.skips import MAX_SKIPPED_FRACTION   # data.max_skipped_fraction's default (baton/skips.py)
 
 
 @dataclass
@@ -24,8 +21,9 @@ class DataConfig:
     crop_padding: int = bounded(0, ge=0)           # random crop of the image padded by this many pixels (a shift); 0 = off
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
     test_resize: int = bounded(0, ge=0)            # >image size: test images resized (shorter side) to this, centre-cropped
-    # shards: the share of a split's samples that may be skipped (bad image, no class, bad json) or
-    # lost (a truncated shard) before loading fails naming the shards; below it they are counted
+    # the share of a split's samples that may be skipped (bad image, no class, bad json, an
+    # unreadable file) or lost (a truncated shard) before loading fails naming the shards or
+    # files; below it they are counted (baton/skips.py)
     max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)
 
 
@@ -96,6 +94,9 @@ class TrainConfig:
     keep_last: int = bounded(2, ge=0)              # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
+    # Steps whose loss is not finite that may be skipped in the whole run (as in pretraining,
+    # baton/nonfinite.py): 0 stops at the first; N skips up to N and stops at one more.
+    max_nonfinite_steps: int = bounded(0, ge=0)
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
     tensorboard: bool = True
     wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)

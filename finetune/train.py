@@ -27,6 +27,7 @@ from baton.errors import BatonError
 from baton.extras import require
 from baton.io import write_json_atomic
 from baton.logs import MetricsWriter, setup_logging
+from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
 from baton.run import CheckpointCadence, RunLifecycle, choose_device
@@ -126,13 +127,13 @@ def run(cfg: FinetuneConfig) -> dict:
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
     total = cfg.train.epochs * steps_per_epoch
-    step = 0
+    step, skipped_before = 0, ()
     if resume is not None:
         state, meta = load_checkpoint(resume, map_location=device)
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step, skipped_before = int(state["step"]), state.get("nonfinite_steps", ())
         log.info("resumed from %s at step %d", meta["path"], step)
     log.info("finetune: %d train images / %d classes, %d test images / %d classes, %d steps on %s",
              len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
@@ -148,10 +149,12 @@ def run(cfg: FinetuneConfig) -> dict:
     lang_window: list[float] = []
     last_loss = float("nan")
     t0 = time.time()
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, skipped_before)
 
     def checkpoint(epoch: int) -> None:
         state = {"model": model.state_dict(), "loss": criterion.state_dict(),
-                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}
+                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                 "nonfinite_steps": nonfinite.steps}
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
                         keep_last=cfg.train.keep_last)
 
@@ -169,26 +172,30 @@ def run(cfg: FinetuneConfig) -> dict:
                 factor = lr_factor(step, total, o.warmup_steps, o.schedule)
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
+                nonfinite.snapshot(model, criterion)   # their buffers, should this step be skipped
                 emb = model(x.to(device))
                 loss = criterion(emb, y.to(device))
                 if guide is not None:
                     lang = guide(emb, y)
                     lang_window.append(lang.item())
                     loss = loss + cfg.language.weight * lang
-                if not torch.isfinite(loss):
-                    raise BatonError(f"the loss is not finite at step {step + 1} ({loss.item()}); nothing of "
-                                     f"this step was applied or saved. The last good checkpoint is "
-                                     f"{latest_checkpoint(ckpt_root) or 'none yet'}: lower optim.lr / "
-                                     f"optim.loss_lr or loss.kwargs.la and continue with resume=latest")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if o.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    optimizer.step()
+                    window.append(loss.item())
+                else:   # raises past train.max_nonfinite_steps; else nothing of this step is applied
+                    nonfinite.skip(step + 1, str(loss.item()), lambda: latest_checkpoint(ckpt_root),
+                                   "lower optim.lr / optim.loss_lr or loss.kwargs.la")
+                    if lang_window:
+                        lang_window.pop()
+                    writer.log(step + 1, nonfinite_steps=len(nonfinite.steps))
                 step += 1
                 bar.update(1)
-                window.append(loss.item())
-                if step % cfg.train.log_every == 0 or step == total:
+                if (step % cfg.train.log_every == 0 or step == total) and window:
                     last_loss = float(np.mean(window))
                     extra = {"language_loss": float(np.mean(lang_window))} if lang_window else {}
                     writer.log(step, loss=last_loss, lr=o.lr * factor, epoch=epoch, **extra)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, List, Optional
 
 from baton.config import ChosenSection, bounded
+from baton.skips import MAX_SKIPPED_FRACTION
 from pretrain.methods import method_sections
 
 
@@ -99,6 +100,10 @@ class TrainConfig:
     # torch intra-op threads in each training process (None: torch's default, one per core). On a
     # small CPU box shared with loader workers or other jobs, 1 avoids OpenMP oversubscription.
     threads: Optional[int] = bounded(None, ge=1)
+    # Steps whose loss is not finite (on any rank) that may be skipped in the whole run, resumes
+    # included (baton/nonfinite.py): 0 stops at the first, naming the last good checkpoint; N skips
+    # up to N (nothing of such a step applied, its number logged and saved) and stops at one more.
+    max_nonfinite_steps: int = bounded(0, ge=0)
     # Stop as if killed right after this global step (no extra checkpoint): lets tests and
     # time-boxed jobs interrupt deterministically, then continue with resume=latest.
     stop_after_steps: Optional[int] = bounded(None, ge=0)
@@ -114,6 +119,10 @@ class EvalConfig:
     # image among them is then left out and counted); None: all.
     max_samples: Optional[int] = bounded(5000, ge=1)
     batch_size: int = bounded(256, gt=0)               # images / captions / prompts embedded at a time, per rank
+    # The share of the held-out samples (eval.shards, dino.knn_shards) that may be skipped (bad
+    # image or json, no caption) or lost (a truncated shard) before evaluation fails naming the
+    # shards (the rule of finetuning's data.max_skipped_fraction, baton/skips.py); below it counted.
+    max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)
     chunk_size: int = bounded(1024, ge=1)              # queries scored at a time (each against all candidates)
     # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
     # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.

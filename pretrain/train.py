@@ -31,6 +31,7 @@ from baton.config import to_yaml
 from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.logs import MetricsWriter, setup_logging
+from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
 from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state
@@ -49,17 +50,17 @@ def main(argv: list[str]) -> int:
     return 0 if cfg is None else train(cfg)
 
 
-def restore(path: Path | None, strategy: Strategy, log) -> tuple[int, dict | None]:
+def restore(path: Path | None, strategy: Strategy, log) -> tuple[int, dict]:
     """Load the checkpoint the run resumes from (`RunLifecycle.resume_from`) through the strategy;
-    return the step to continue from and the saved loader state (None if there is none)."""
+    return the step to continue from and the checkpoint's state.pt entries ({} for a fresh start)."""
     if path is None:
-        return 0, None
+        return 0, {}
     state, meta = load_checkpoint(path)
     strategy.load(Path(meta["path"]), state)
     set_rng_state(state["rng"])
     log.info("resumed from %s (step %d, written by train.strategy=%s)", meta["path"], state["step"],
              state.get("strategy", "ddp"))
-    return int(state["step"]), state.get("loader")
+    return int(state["step"]), state
 
 
 def forever(loader: TrainLoader) -> Iterator[tuple]:
@@ -114,7 +115,9 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     n_params = sum(p.numel() for p in model.parameters())
     strategy = strategy_cls(cfg, info, method)
     net, optimizer = strategy.setup(model, method.param_groups)
-    step, loader_state = restore(run.resume_from, strategy, log)
+    step, resumed = restore(run.resume_from, strategy, log)
+    loader_state = resumed.get("loader")
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, resumed.get("nonfinite_steps", ()))
     loader = TrainLoader(shards, cfg.data, method.sample_map(strategy.model), seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, steps=epoch_steps * accum)
     if step:
@@ -150,7 +153,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             epoch = max(step - 1, 0) // epoch_steps
             state = {**extra, "step": step, "epoch": epoch, "rng": rng_state(), "config": to_yaml(cfg),
                      "strategy": strategy.name, "method": method.name, "scheduler": {"last_epoch": step},
-                     "loader": {"ranks": ranks, "skipped": dict(skipped)}}
+                     "loader": {"ranks": ranks, "skipped": dict(skipped)}, "nonfinite_steps": nonfinite.steps}
             publish_step_dir(ckpt_root, step, state, keep_last=cfg.train.keep_last,
                              meta={"epoch": epoch, "method": method.name, "strategy": strategy.name,
                                    "model": method.model_label()})
@@ -164,26 +167,32 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             method.adjust_optimizer(optimizer, step, total)
             lr = optimizer.param_groups[0]["lr"]
             keys: list = []
+            nonfinite.snapshot(strategy.model)   # its buffers, should this step be skipped
             losses, extras = method.accumulate(net, strategy, micro_batches(method, batches, accum, keys), step, total)
             # every rank learns whether any rank's loss is not finite, before the update that would
             # spread it into the weights and the next checkpoint
             step_losses = torch.stack(losses)
             bad = all_reduce_sum((~torch.isfinite(step_losses)).any().float().reshape(1))
-            if bad.item() > 0:
-                good = latest_checkpoint(ckpt_root)
-                raise BatonError(f"the loss is not finite at step {step + 1} ({step_losses.tolist()} on "
-                                 f"rank {info.rank}); nothing of this step was applied or saved. The last good "
-                                 f"checkpoint is {good or 'none yet'}: lower optim.lr (now {cfg.optim.lr}) and "
-                                 f"continue with resume=latest")
-            strategy.step(cfg.optim.grad_clip)
-            strategy.after_step(step, total)
+            skipped_step = bad.item() > 0
+            if skipped_step:   # raises past train.max_nonfinite_steps; else nothing of it is applied
+                nonfinite.skip(step + 1, f"{step_losses.tolist()} on rank {info.rank}",
+                               lambda: latest_checkpoint(ckpt_root), f"lower optim.lr (now {cfg.optim.lr})")
+                if not strategy.skip_step():
+                    raise BatonError(f"train.strategy={strategy.name} applied the update of step {step + 1}, whose "
+                                     f"loss is not finite (its gradients were finite, so it did not skip it): "
+                                     f"stopping before it is saved. The last good checkpoint is "
+                                     f"{latest_checkpoint(ckpt_root) or 'none yet'}; continue with resume=latest")
+                metrics.log(step + 1, nonfinite_steps=len(nonfinite.steps))
+            else:
+                strategy.step(cfg.optim.grad_clip)
+                strategy.after_step(step, total)
             step += 1
             progress.update(1)
             if on_batch is not None:
                 on_batch(step, keys)
             if on_step is not None:
                 on_step(step, strategy.model)
-            if step % cfg.train.log_every == 0 or step == total:
+            if (step % cfg.train.log_every == 0 or step == total) and not skipped_step:
                 seconds, done = time.perf_counter() - window[0], step - window[1]
                 row = dict(loss=torch.stack(losses).mean().item(), lr=lr, **extras,
                            samples_per_s=done * global_batch / max(seconds, 1e-9), epoch=(step - 1) // epoch_steps)

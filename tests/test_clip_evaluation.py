@@ -152,7 +152,8 @@ def test_unique_captions_equal_open_clip_train(labelled_shards):
 
     model, preprocess, tokenizer = tiny_clip(seed=3)
     templates = ["a photo of a {}.", "a drawing of the {}."]
-    got = evaluate_clip(model, EvalConfig(shards=str(labelled_shards), batch_size=4, templates=templates),
+    got = evaluate_clip(model, EvalConfig(shards=str(labelled_shards), batch_size=4, templates=templates,
+                                          max_skipped_fraction=0.5),
                         DistInfo(), preprocess, tokenizer)
     assert got["eval/samples"] == 15 and got["eval/skipped"] == 3   # missing caption, bad JSON, bad image
     data = read_labelled(str(labelled_shards))
@@ -266,7 +267,8 @@ def _evaluations(info: DistInfo, synthetic: str, labelled: str) -> dict[str, dic
     """The runs compared across world sizes: odd sample counts, a bad image on one rank, small chunks."""
     model, preprocess, tokenizer = tiny_clip()
     runs = {"synthetic": EvalConfig(shards=synthetic, max_samples=63, batch_size=8, chunk_size=7),
-            "labelled": EvalConfig(shards=labelled, batch_size=3, chunk_size=2, templates="openai")}
+            "labelled": EvalConfig(shards=labelled, batch_size=3, chunk_size=2, templates="openai",
+                                  max_skipped_fraction=0.5)}
     return {name: evaluate_clip(model, ecfg, info, preprocess, tokenizer) for name, ecfg in runs.items()}
 
 

@@ -1,7 +1,7 @@
 """Labelled image datasets for metric learning, by config name (`data.source`).
 
-A loader takes (root, seed) and returns a `Split` (the `shards` loader also takes the share of bad
-samples it skips before failing, and its root may be a URL): `train` and `test` lists of
+A loader takes (root, seed, the share of bad samples it skips before failing) and returns a
+`Split` (the `shards` loader's root may be a URL): `train` and `test` lists of
 `(image, label, class name)`, where the image is a PIL image or, for the published benchmarks
 (CUB200, CARS196, SOP: tens of thousands of full-size photos), the Path of its file, decoded only
 when used (`load_image`). Test classes are disjoint from train classes (retrieval is
@@ -85,17 +85,15 @@ DATASETS = Registry("data.source", {
 
 def load_dataset(source: str, root: str | Path, seed: int = 0,
                  max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION) -> Split:
-    """The split of `source` at `root`. `max_skipped_fraction` is the share of bad samples the
-    shards source skips (and counts) before it fails (`data.max_skipped_fraction`); the other
-    sources fail at the first bad file, naming it."""
+    """The split of `source` at `root`. `max_skipped_fraction` is the share of bad samples (shards)
+    or files (the other sources) a split may lose, skipped and counted, before loading fails
+    (`data.max_skipped_fraction`, `baton.skips`)."""
     loader = DATASETS[source]
     if "://" not in str(root) and not Path(root).is_dir():
         raise BatonError(f"data.root {root} is not a directory (data.source={source}); "
                          f"create the data first, e.g. `baton shards emoji {root}`, or fix data.root")
-    if source == "shards":   # read through fsspec (its root may be a URL), skipping and counting bad samples
-        split = loader(str(root), seed, max_skipped_fraction)
-    else:
-        split = loader(Path(root), seed)
+    # shards read through fsspec (their root may be a URL); every source skips and counts bad samples
+    split = loader(str(root) if source == "shards" else Path(root), seed, max_skipped_fraction)
     for name in ("train", "test"):
         if not split.get(name):
             raise BatonError(f"{root}: the {name} split is empty (data.source={source})")

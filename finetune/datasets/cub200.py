@@ -6,7 +6,8 @@
     images/NNN.Class_Name/*.jpg
 
 The DML split: classes 1-100 train, 101-200 test. Class names are cleaned for language guidance:
-"001.Black_footed_Albatross" -> "black footed albatross". Images are decoded when used.
+"001.Black_footed_Albatross" -> "black footed albatross". Images are decoded when used,
+checked when the split is loaded (`image_files`: unreadable ones skipped and counted).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import re
 from pathlib import Path
 
 from baton.errors import BatonError
+from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import Split, label_by_id, read_table
+from finetune.datasets.image_files import checked_split
 
 TRAIN_CLASSES = range(1, 101)
 
@@ -24,7 +27,7 @@ def clean_name(raw: str) -> str:
     return re.sub(r"^\d+\.", "", raw).replace("_", " ").strip().lower()
 
 
-def load_cub200(root: Path, seed: int = 0) -> Split:
+def load_cub200(root: Path, seed: int = 0, max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION) -> Split:
     """`seed` is unused: the split is the published one."""
     if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
         root = root / "CUB_200_2011"
@@ -37,4 +40,5 @@ def load_cub200(root: Path, seed: int = 0) -> Split:
             raise BatonError(f"{root}: image {img_id} ({rel}) has no class in image_class_labels.txt/classes.txt")
         cid = labels[img_id]
         rows["train" if cid in TRAIN_CLASSES else "test"].append((root / "images" / rel, cid, names[cid]))
+    rows = checked_split(rows, root, max_skipped_fraction)   # unreadable files skipped and counted
     return Split(label_by_id(rows["train"]), label_by_id(rows["test"]))

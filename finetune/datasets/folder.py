@@ -2,6 +2,8 @@
 
 The class split comes from ROOT/split.json ({"train": [names], "test": [names]}) when present;
 otherwise a seeded random half of the classes is held out, so runs with the same seed compare.
+Each file named as an image is read and decoded when the split is loaded; one that cannot be is
+skipped and counted (`image_files`: past `data.max_skipped_fraction` of a split, an error).
 """
 
 from __future__ import annotations
@@ -10,29 +12,22 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from baton.errors import BatonError
-from baton.images import rgb_on_white
+from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import Split, label_items
+from finetune.datasets.image_files import checked_split
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
-def _read_class(d: Path) -> list[tuple[Image.Image, str]]:
-    out = []
-    for f in sorted(d.iterdir()):
-        if f.suffix.lower() in IMAGE_EXTS and f.is_file():
-            try:
-                img = Image.open(f)
-                img.load()
-            except Exception as e:
-                raise BatonError(f"{f}: cannot decode image ({e}); remove or replace it") from None
-            out.append((rgb_on_white(img), d.name))
-    return out
+def _class_files(d: Path) -> list[tuple[Path, str]]:
+    """(file, class) of each entry of `d` named as an image, folders aside (as `baton shards folder`
+    looks past them); whether it reads and decodes is checked with the other files of its split
+    (`image_files`: a FIFO or a symlink loop is counted there, never opened)."""
+    return [(f, d.name) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS and not f.is_dir()]
 
 
-def load_folder(root: Path, seed: int = 0) -> Split:
+def load_folder(root: Path, seed: int = 0, max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION) -> Split:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise BatonError(f"{root}: data.source=folder needs ROOT/<class name>/<images> with at least "
@@ -56,6 +51,7 @@ def load_folder(root: Path, seed: int = 0) -> Split:
         half = len(classes) // 2
         train_c = [classes[i] for i in sorted(order[:len(classes) - half])]
         test_c = [classes[i] for i in sorted(order[len(classes) - half:])]
-    train = [p for c in train_c for p in _read_class(root / c)]
-    test = [p for c in test_c for p in _read_class(root / c)]
-    return Split(label_items(train), label_items(test))
+    files = {"train": [p for c in train_c for p in _class_files(root / c)],
+             "test": [p for c in test_c for p in _class_files(root / c)]}
+    images = checked_split(files, root, max_skipped_fraction, keep_pixels=True)
+    return Split(label_items(images["train"]), label_items(images["test"]))

@@ -5,14 +5,17 @@
 
 Train and test are the two files (11,318 / 11,316 products). A product has no name, so its name
 for language guidance is its super-class, from the path's directory: "bicycle_final" -> "bicycle".
-Images are decoded when used (120k photos).
+Images are decoded when used (120k photos), checked when the split is loaded (`image_files`:
+unreadable ones skipped and counted).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import Split, label_by_id, read_table
+from finetune.datasets.image_files import checked_split
 
 
 def super_class_name(rel_path: str) -> str:
@@ -24,8 +27,10 @@ def _read(root: Path, name: str):
             (r[:4] for r in read_table(root / name, 4, header=True))]
 
 
-def load_sop(root: Path, seed: int = 0) -> Split:
+def load_sop(root: Path, seed: int = 0, max_skipped_fraction: float | None = MAX_SKIPPED_FRACTION) -> Split:
     """`seed` is unused: the split is the published one."""
     if not (root / "Ebay_train.txt").is_file() and (root / "Stanford_Online_Products" / "Ebay_train.txt").is_file():
         root = root / "Stanford_Online_Products"
-    return Split(label_by_id(_read(root, "Ebay_train.txt")), label_by_id(_read(root, "Ebay_test.txt")))
+    rows = checked_split({"train": _read(root, "Ebay_train.txt"), "test": _read(root, "Ebay_test.txt")}, root,
+                         max_skipped_fraction)   # unreadable files skipped and counted
+    return Split(label_by_id(rows["train"]), label_by_id(rows["test"]))

@@ -219,6 +219,8 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
         model.train(was_training)
     n = len(valid)
     i2t, t2i, zs, bad_images = totals[:2].tolist(), totals[2:4].tolist(), totals[4:6].tolist(), int(totals[6])
+    data.check_skipped(ecfg.max_skipped_fraction, f"eval.shards={ecfg.shards!r}", "eval.max_skipped_fraction",
+                       bad_images=bad_images)
     out = {f"eval/zeroshot_top{k}": zs[j] / n for j, k in enumerate(KS)}
     out.update({f"eval/image_to_text_R@{k}": i2t[j] / n for j, k in enumerate(KS)})
     out.update({f"eval/text_to_image_R@{k}": t2i[j] / n for j, k in enumerate(KS)})

@@ -36,6 +36,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from baton.errors import BatonError
+from baton.skips import check_skipped, skipped_fraction
 from pretrain.data.samples import IMAGE_KEYS, Rejected, StreamProgress, decode_image, group_samples, shard_files
 from pretrain.data.sources import resolve_sources
 
@@ -86,22 +87,18 @@ class LabelledSet:
 
     def skipped_fraction(self) -> float:
         """Samples skipped or lost over the samples the shards should have given (read + lost)."""
-        bad = sum(n for r, n in self.skipped.items() if r not in SHARD_REASONS) + self.lost
-        return bad / max(1, self.read + self.lost)
+        return skipped_fraction(self.skipped, self.read, self.lost, SHARD_REASONS)
 
     def check_skipped(self, max_fraction: Optional[float], where: str,
-                      fraction_key: str = "data.max_skipped_fraction") -> None:
+                      fraction_key: str = "data.max_skipped_fraction", bad_images: int = 0) -> None:
         """Raise `BatonError` naming the worst shards when more than `max_fraction` of the samples
-        were skipped or lost (None: no limit); below it the skips stay counted and logged."""
-        if max_fraction is None or not self.skipped:
-            return
-        fraction = self.skipped_fraction()
-        if fraction <= max_fraction:
-            return
-        worst = ", ".join(f"{url} ({n})" for url, n in self.bad_by_shard.most_common(3))
-        raise BatonError(f"{where}: {fraction:.1%} of the samples were skipped or lost, more than {max_fraction} "
-                         f"({fraction_key}); by reason: {dict(sorted(self.skipped.items()))}; most in {worst}. "
-                         f"Rewrite those shards with `baton shards`, or raise the limit to use what is left")
+        were skipped or lost (None: no limit); below it the skips stay counted and logged
+        (`baton.skips`, the rule of every labelled set). `bad_images`: images found undecodable by
+        a caller that decodes them itself (summed over the ranks, so every rank decides alike)."""
+        skipped = self.skipped + Counter({"bad_image": bad_images}) if bad_images else self.skipped
+        check_skipped(skipped, self.read, self.bad_by_shard, max_fraction, where, fraction_key,
+                      "Rewrite those shards with `baton shards`, or raise the limit to use what is left",
+                      lost=self.lost, uncounted=SHARD_REASONS)
 
 
 def _check(sample: dict[str, Any], caption_required: bool, class_required: bool) -> tuple[str, str, str] | str:

@@ -200,9 +200,14 @@ class _Batches:
         stream.freed = free_reporter.channels
         # Batches leave the stream finished (stacked tensors + meta): `_as_is` spares the DataLoader's
         # default_convert, which walks every key and state in the meta dict of every batch.
+        # A generator of its own: without one, every pass draws its base seed from torch's global RNG,
+        # which a resumed run then draws at the resume (mid-epoch) instead of at the epoch's start,
+        # shifting every later random draw of training (DINO's stochastic depth) off the
+        # uninterrupted run's. The samples' randomness is seeded per sample, not from this seed.
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                              persistent_workers=False, prefetch_factor=4 if workers else None,
-                                             collate_fn=_as_is, worker_init_fn=_worker_init if workers else None)
+                                             collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
+                                             generator=torch.Generator())
         try:
             for *tensors, meta in loader:
                 free_reporter.received(meta["worker"], meta.pop("buffer"), tensors)

@@ -52,12 +52,12 @@ def memory_query_split(labels: list[str]) -> tuple[list[int], list[int]]:
 class KnnMonitor:
     """Reads the held-out set once (lazily), then `__call__(backbone)` -> {"knn_top1", "knn_top5", ...}."""
 
-    def __init__(self, cfg: DinoConfig, info: DistInfo):
+    def __init__(self, cfg: DinoConfig, info: DistInfo, max_skipped_fraction: float | None = None):
         if cfg.knn_shards is None:
             raise BatonError("dino.knn_shards is not set: nothing to monitor")
         if cfg.knn_batch_size < 1:
             raise BatonError(f"dino.knn_batch_size must be >= 1, got {cfg.knn_batch_size}")
-        self.cfg, self.info = cfg, info
+        self.cfg, self.info, self.max_skipped_fraction = cfg, info, max_skipped_fraction
         self.transform = eval_transform(cfg)
         self._set: LabelledSet | None = None
 
@@ -118,6 +118,8 @@ class KnnMonitor:
         feats, valid = self.features(backbone, device)
         names = [s.label for s in labelled.samples]
         keep = [i for i in range(len(names)) if bool(valid[i])]
+        labelled.check_skipped(self.max_skipped_fraction, f"dino.knn_shards={self.cfg.knn_shards!r}",
+                               "eval.max_skipped_fraction", bad_images=len(names) - len(keep))
         memory, query = memory_query_split([names[i] for i in keep])
         if not query or not memory:
             return {"knn_samples": float(len(keep)), "knn_skipped": float(len(names) - len(keep))}
@@ -132,6 +134,8 @@ class KnnMonitor:
                 "knn_skipped": float(skipped)}
 
 
-def knn_monitor(cfg: DinoConfig, info: DistInfo) -> KnnMonitor | None:
-    """The monitor of a run, or None when `dino.knn_shards` is not set."""
-    return None if cfg.knn_shards is None else KnnMonitor(cfg, info)
+def knn_monitor(cfg: DinoConfig, info: DistInfo, max_skipped_fraction: float | None = None) -> KnnMonitor | None:
+    """The monitor of a run, or None when `dino.knn_shards` is not set. More than
+    `max_skipped_fraction` (`eval.max_skipped_fraction`) of the held-out samples skipped or lost is
+    an error naming the shards."""
+    return None if cfg.knn_shards is None else KnnMonitor(cfg, info, max_skipped_fraction)

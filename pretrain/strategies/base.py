@@ -98,6 +98,13 @@ class Strategy:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def skip_step(self) -> bool:
+        """End a step without an update (its loss was not finite on some rank, baton/nonfinite.py):
+        drop the accumulated gradients, on every rank alike. False if the update could not be held
+        back (it is then in the weights, and the run must stop)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
     def after_step(self, step: int, total: int) -> None:
         with torch.no_grad():
             self.method.after_step(self.model, step, total)

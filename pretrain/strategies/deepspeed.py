@@ -203,6 +203,15 @@ class DeepSpeedStrategy(Strategy):
     def step(self, grad_clip: float | None) -> None:
         self.engine.step()           # clips to `gradient_clipping`, steps, zeroes the gradients
 
+    def skip_step(self) -> bool:
+        """DeepSpeed's engine owns the gradients (ZeRO partitions them) and its own step counters, so
+        the step is ended by DeepSpeed itself: its optimiser refuses to step on gradients that are not
+        finite (ZeRO's overflow path drops them and counts the step as skipped), which a non-finite
+        loss gives. Should it step all the same (a non-finite loss with finite gradients), the update
+        is in the weights: False, and the run stops."""
+        self.engine.step()
+        return not self.engine.was_step_applied()
+
     def after_step(self, step: int, total: int) -> None:
         gathered = nullcontext()
         if self.cfg.train.zero_stage == 3:
