@@ -104,7 +104,9 @@ def test_loss_falls_and_grounding_recall_rises(grounding_shards, trained_run):
     rows = metrics(trained_run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:2]) / 2, losses
-    trained = [r["grounding_r1"] for r in rows if "grounding_r1" in r][-1]
+    evaluated = [r for r in rows if "grounding_r1" in r]
+    trained = evaluated[-1]["grounding_r1"]
+    assert all(r["grounding_r1"] <= r["grounding_r5"] <= 1 for r in evaluated), evaluated   # logged with R@1
 
     cfg = PretrainConfig(method="glip")
     cfg.glip, cfg.eval.shards, cfg.eval.batch_size = tiny_glip(), str(grounding_shards), 16

@@ -1,17 +1,20 @@
-"""Held-out monitoring of GLIP: phrase grounding Recall@1 at IoU >= 0.5 (the Flickr30k protocol's R@1)
-and zero-shot detection mAP (`pretrain.glip.detection`) on `eval.shards`.
+"""Held-out monitoring of GLIP: phrase grounding Recall@1 and Recall@5 at IoU >= 0.5 (the Flickr30k
+protocol's R@k) and zero-shot detection mAP (`pretrain.glip.detection`) on `eval.shards`.
 
 For each region of a held-out scene the model is prompted with the scene's caption; the phrase's
 score at a location is the mean alignment probability over the phrase's tokens (GLIP scores a
-phrase from its tokens), and the phrase's top-1 box is the box predicted at its best location. A
-region counts as found when that box overlaps its annotated box with IoU >= 0.5. Samples are split
-over ranks (sample i on rank i mod world) and the counts summed, so every rank gets the same score.
+phrase from its tokens). The phrase's ranked boxes are the boxes predicted at its locations,
+best score first, after NMS at `glip.nms_iou` (as GLIP's post-processor does before the Flickr30k
+evaluator ranks them: without it the top 5 of a dense head are five copies of one box). A region
+counts as found at k when one of its top-k boxes overlaps its annotated box with IoU >= 0.5; the
+top-1 box is the one at the best location (NMS keeps the best box first). Samples are split over
+ranks (sample i on rank i mod world) and the counts summed, so every rank gets the same score.
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 
 from baton.distributed import all_reduce_sum
 from pretrain.data import Rejected, resolve_sources
@@ -19,26 +22,44 @@ from pretrain.glip.data import GroundingSample
 from pretrain.glip.loss import boxes_of
 
 IOU = 0.5
+RECALL_AT = (1, 5)
+
+
+def phrase_scores(out: dict, positive_map: torch.Tensor) -> torch.Tensor:
+    """(B, R, N): per region, its phrase's score at every location (mean token probability)."""
+    probs = out["logits"].float().sigmoid()                                       # (B, N, L)
+    weights = positive_map / positive_map.sum(-1, keepdim=True).clamp(min=1)      # (B, R, L)
+    return torch.einsum("bnl,brl->brn", probs, weights)
 
 
 def top1_boxes(out: dict, positive_map: torch.Tensor) -> torch.Tensor:
     """(B, R, 4): per region, the predicted box at the location where its phrase scores highest."""
-    probs = out["logits"].float().sigmoid()                                       # (B, N, L)
-    weights = positive_map / positive_map.sum(-1, keepdim=True).clamp(min=1)      # (B, R, L)
-    scores = torch.einsum("bnl,brl->brn", probs, weights)
-    best = scores.argmax(-1)                                                     # (B, R)
+    best = phrase_scores(out, positive_map).argmax(-1)                           # (B, R)
     boxes = boxes_of(out["locations"][None].float(), out["ltrb"].float())        # (B, N, 4)
     return torch.gather(boxes, 1, best[..., None].expand(*best.shape, 4))
 
 
-def recall_counts(pred: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
-    """(regions found at IoU >= 0.5, regions) of one batch."""
-    hits = total = 0
-    for p, g, v in zip(pred, boxes, valid.bool()):
-        if v.any():
-            iou = box_iou(p[v], g[v]).diagonal()
-            hits += int((iou >= IOU).sum())
-            total += int(v.sum())
+def ranked_boxes(out: dict, positive_map: torch.Tensor, valid: torch.Tensor, k: int,
+                 nms_iou: float) -> list[list[torch.Tensor]]:
+    """Per image, per valid region (in order): its phrase's top-k boxes (<= k, 4) after NMS, best first."""
+    scores = phrase_scores(out, positive_map)                                    # (B, R, N)
+    boxes = boxes_of(out["locations"][None].float(), out["ltrb"].float())        # (B, N, 4)
+    ranked = []
+    for s, b, v in zip(scores, boxes, valid.bool()):
+        ranked.append([b[nms(b, s[r], nms_iou)[:k]] for r in v.nonzero().flatten().tolist()])
+    return ranked
+
+
+def recall_counts(ranked: list[list[torch.Tensor]], boxes: torch.Tensor, valid: torch.Tensor,
+                  ks: tuple[int, ...] = RECALL_AT) -> tuple[list[int], int]:
+    """([regions found among the top k boxes at IoU >= 0.5, for each k in ks], regions) of one batch."""
+    hits, total = [0] * len(ks), 0
+    for per_region, g, v in zip(ranked, boxes, valid.bool()):
+        for pred, gt in zip(per_region, g[v]):
+            ok = box_iou(pred, gt[None])[:, 0] >= IOU                            # (<= k,)
+            for i, k in enumerate(ks):
+                hits[i] += bool(ok[:k].any())
+            total += 1
     return hits, total
 
 
@@ -67,24 +88,27 @@ def read_eval_set(method, rank: int, world: int) -> list[tuple[tuple, tuple]]:
 
 
 @torch.no_grad()
-def grounding_recall(model, rows: list[tuple], batch_size: int, device) -> dict[str, float]:
-    """Recall@1 over this rank's grounding rows, the counts summed over ranks."""
-    hits = total = 0
+def grounding_recall(model, rows: list[tuple], batch_size: int, device, nms_iou: float) -> dict[str, float]:
+    """Recall@1 and @5 over this rank's grounding rows (boxes ranked after NMS at nms_iou), the counts
+    summed over ranks."""
+    hits, total = [0] * len(RECALL_AT), 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         images, ids, mask, boxes, valid, pmap = (torch.stack(c).to(device) for c in zip(*chunk))
         out = model(images, ids, mask)
-        h, t = recall_counts(top1_boxes(out, pmap), boxes, valid)
-        hits, total = hits + h, total + t
-    counts = all_reduce_sum(torch.tensor([hits, total], dtype=torch.float64, device=device))
-    return {"grounding_r1": float(counts[0] / counts[1].clamp(min=1)), "grounding_regions": float(counts[1])}
+        h, t = recall_counts(ranked_boxes(out, pmap, valid, max(RECALL_AT), nms_iou), boxes, valid)
+        hits, total = [a + b for a, b in zip(hits, h)], total + t
+    counts = all_reduce_sum(torch.tensor([*hits, total], dtype=torch.float64, device=device))
+    regions = counts[-1]
+    return {**{f"grounding_r{k}": float(counts[i] / regions.clamp(min=1)) for i, k in enumerate(RECALL_AT)},
+            "grounding_regions": float(regions)}
 
 
 @torch.no_grad()
 def evaluate_glip(model, method, device) -> dict[str, float]:
-    """Grounding R@1 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot mAP."""
+    """Grounding R@1 / R@5 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot mAP."""
     scenes = read_eval_set(method, method.info.rank, method.info.world_size)
-    scores = grounding_recall(model, [g for g, _ in scenes], method.cfg.eval.batch_size, device)
+    scores = grounding_recall(model, [g for g, _ in scenes], method.cfg.eval.batch_size, device, method.glip.nms_iou)
     if method.glip.detection_classes:
         from pretrain.glip.detection import zero_shot_map
 
