@@ -27,6 +27,12 @@ class GlipConfig:
     backbone: str = "small_convnet"
     # extra timm.create_model kwargs (a free mapping of timm's keys: glip.backbone_kwargs.KEY=VALUE)
     backbone_kwargs: Optional[Dict[str, Any]] = field(default_factory=dict)
+    # --- initialisation: a `baton export` of a CLIP run (or a timm handoff of a DINO / GLIP run) whose
+    # towers start GLIP's encoders (pretrain/glip/init_from.py); each tower of init_towers must load,
+    # or the run stops naming what differs: image -> glip.backbone (the same timm model), text -> the
+    # CLIP's transformers text tower into glip.text_encoder=hf of the same glip.text_model
+    init_from: Optional[str] = None
+    init_towers: List[str] = field(default_factory=lambda: ["image", "text"])
     image_size: int = bounded(128, ge=16)   # scenes are resized to image_size x image_size (boxes with them)
     mean: List[float] = field(default_factory=lambda: list(MEAN))
     std: List[float] = field(default_factory=lambda: list(STD))

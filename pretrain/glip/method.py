@@ -59,8 +59,14 @@ class GlipMethod(PretrainMethod):
 
     # ------------------------------------------------------------ contract
     def build_model(self) -> nn.Module:
+        from pretrain.glip.init_from import check_towers, init_from_handoff
+
+        check_towers(self.glip.init_towers)
         tok = self.tokenizer()
-        return GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0))
+        model = GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0))
+        if self.glip.init_from:
+            init_from_handoff(model, self.glip)
+        return model
 
     def sample_map(self, model) -> GroundingSample:
         samples = GroundingSample(self.glip, self.tokenizer())

