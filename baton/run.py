@@ -3,8 +3,9 @@
 What every baton training run does the same way lives here, once: the run directory's rules
 (a fresh run never writes over checkpoints; `resume=latest` continues in place, `resume=PATH`
 from that step), the resolved `config.yaml` with a warning per key that changed since the run
-started, seeding and the RNG states a checkpoint carries, the device `train.device` names, and
-when to checkpoint (every `train.checkpoint_every` steps, 0 = every epoch; at the end; on a stop
+started, seeding and the RNG states a checkpoint carries, the device `train.device` names and
+the precision `train.precision` names (`resolve_precision`, `autocast_context`), and when to
+checkpoint (every `train.checkpoint_every` steps, 0 = every epoch; at the end; on a stop
 request from a launcher, `baton.preemption`), keeping the last `train.keep_last`.
 
 A loop keeps only what differs: what it builds, what a step is, and what its checkpoint holds:
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from baton.io import write_text_atomic
 from baton.preemption import stop_requested
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger("baton")
 
 
@@ -49,6 +53,27 @@ def choose_device(name: str, local_rank: int | None = None) -> torch.device:
     if not use_cuda:
         return torch.device("cpu")
     return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 | bf16 | fp16 for `train.precision` on `device`. auto: bf16 on a CUDA GPU that has it,
+    else fp32 (on a CPU, bf16 pays only where it has bf16 matrix units, e.g. AMX: name it there)."""
+    if precision not in PRECISIONS:
+        raise BatonError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise BatonError("train.precision=fp16 needs a CUDA GPU (its loss scaling is CUDA-only); "
+                         "use train.precision=bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device) -> ContextManager:
+    """The forward's autocast for a resolved precision: parameters, gradients and optimiser state
+    stay fp32; matmuls and convolutions run in bf16/fp16."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def resolve_resume(resume: str | None, ckpt_root: str | Path) -> Path | None:

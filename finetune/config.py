@@ -94,6 +94,10 @@ class TrainConfig:
     keep_last: int = bounded(2, ge=0)              # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
+    # auto | fp32 | bf16 | fp16: the forward's autocast, as in pretraining (auto: bf16 on a CUDA GPU
+    # that has it, else fp32; bf16 on a CPU pays where it has bf16 matrix units, e.g. AMX); the
+    # loss, parameters, gradients and optimiser state stay fp32; fp16 (CUDA) scales the loss
+    precision: str = "auto"
     # Steps whose loss is not finite that may be skipped in the whole run (as in pretraining,
     # baton/nonfinite.py): 0 stops at the first; N skips up to N and stops at one more.
     max_nonfinite_steps: int = bounded(0, ge=0)

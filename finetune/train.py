@@ -30,7 +30,7 @@ from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import CheckpointCadence, RunLifecycle, choose_device
+from baton.run import CheckpointCadence, RunLifecycle, autocast_context, choose_device, resolve_precision
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -106,6 +106,7 @@ def run(cfg: FinetuneConfig) -> dict:
     run.record_config(cfg)
     run.seed()
     device = choose_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
 
     data = load_dataset(cfg.data.source, cfg.data.root, cfg.seed, cfg.data.max_skipped_fraction)
     train_labels = [y for _, y, _ in data.train]
@@ -124,6 +125,7 @@ def run(cfg: FinetuneConfig) -> dict:
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
     o = cfg.optim
     optimizer = torch.optim.Adam(param_groups(model, criterion, o), eps=o.eps, weight_decay=o.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
     total = cfg.train.epochs * steps_per_epoch
@@ -133,10 +135,14 @@ def run(cfg: FinetuneConfig) -> dict:
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         step, skipped_before = int(state["step"]), state.get("nonfinite_steps", ())
         log.info("resumed from %s at step %d", meta["path"], step)
     log.info("finetune: %d train images / %d classes, %d test images / %d classes, %d steps on %s",
              len(data.train), n_classes, len(data.test), max(y for _, y, _ in data.test) + 1, total, device)
+    if precision != "fp32":
+        log.info("train.precision: %s autocast for the forward, fp32 loss and weights", precision)
 
     tf = build_transform(backbone_meta.preprocess, train=True, crop_scale_min=cfg.data.crop_scale_min,
                          hflip=cfg.data.hflip, crop_padding=cfg.data.crop_padding)
@@ -154,7 +160,8 @@ def run(cfg: FinetuneConfig) -> dict:
     def checkpoint(epoch: int) -> None:
         state = {"model": model.state_dict(), "loss": criterion.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                 "nonfinite_steps": nonfinite.steps}
+                 "nonfinite_steps": nonfinite.steps,
+                 **({"scaler": scaler.state_dict()} if scaler is not None else {})}
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
                         keep_last=cfg.train.keep_last)
 
@@ -173,7 +180,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 for g in optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
                 nonfinite.snapshot(model, criterion)   # their buffers, should this step be skipped
-                emb = model(x.to(device))
+                with autocast_context(precision, device):
+                    emb = model(x.to(device))
+                emb = emb.float()   # the loss in fp32: SoftTriple's scaled similarities need the range
                 loss = criterion(emb, y.to(device))
                 if guide is not None:
                     lang = guide(emb, y)
@@ -182,10 +191,18 @@ def run(cfg: FinetuneConfig) -> dict:
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if o.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    optimizer.step()
+                    if scaler is None:
+                        loss.backward()
+                        if o.grad_clip:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                        optimizer.step()
+                    else:   # fp16: the scaled loss; an overflowing step is skipped by the scaler
+                        scaler.scale(loss).backward()
+                        if o.grad_clip:
+                            scaler.unscale_(optimizer)
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                        scaler.step(optimizer)
+                        scaler.update()
                     window.append(loss.item())
                 else:   # raises past train.max_nonfinite_steps; else nothing of this step is applied
                     nonfinite.skip(step + 1, str(loss.item()), lambda: latest_checkpoint(ckpt_root),

@@ -23,21 +23,10 @@ from torch import nn
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
+from baton.run import resolve_precision  # noqa: F401  (re-exported: the strategies import it from here)
 
 ParamGroups = Callable[[nn.Module], list[dict]]
 DCP_DIR = "dcp"   # FSDP2's torch.distributed.checkpoint files inside a step directory
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32 | bf16 | fp16 for `train.precision` on `device` (auto: bf16 on capable CUDA, else fp32)."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise BatonError(f"train.precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise BatonError("train.precision=fp16 needs a CUDA GPU (its loss scaling is CUDA-only); "
-                         "use train.precision=bf16 or fp32 on CPU")
-    return precision
 
 
 def ensure_process_group(info: DistInfo) -> None:

@@ -16,6 +16,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
+from baton.run import autocast_context
 from pretrain.strategies.base import ParamGroups, Strategy, full_state
 
 
@@ -36,9 +37,7 @@ class DDPStrategy(Strategy):
         return net, self.optimizer
 
     def autocast(self) -> ContextManager:
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(self.info.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return autocast_context(self.precision, self.info.device)
 
     def accumulating(self, last: bool) -> ContextManager:
         return self.net.no_sync() if self.info.distributed and not last else nullcontext()

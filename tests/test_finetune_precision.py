@@ -1,0 +1,108 @@
+"""`train.precision` in finetuning: bf16 autocast on CPU takes effect (the backbone's matmuls and
+convolutions run in bf16, the weights stay fp32), the loss follows fp32 to bf16 accuracy, a resume
+stays exact, and precisions a CPU cannot run are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from baton.config import load_config
+from baton.errors import BatonError
+from conftest import make_synthetic_shards
+from test_finetune import overrides, write_tiny_handoff
+
+pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftp")
+    make_synthetic_shards(root / "data" / "train", per_class=4, seed=0)
+    make_synthetic_shards(root / "data" / "test", per_class=3, seed=1)
+    return root, write_tiny_handoff(root / "handoff")
+
+
+COMMON = ("train.epochs=1", "train.steps_per_epoch=4", "train.log_every=1", "train.eval_at_end=false",
+          "data.workers=0")
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def finetune(root, handoff, name, *extra):
+    from finetune.config import FinetuneConfig
+    from finetune.train import run
+
+    run(load_config(FinetuneConfig, None, overrides(root, handoff, name, *COMMON, *extra)))
+    return root / name
+
+
+def test_bf16_autocast_takes_effect_and_follows_fp32(setup):
+    from safetensors.torch import load_file
+
+    root, handoff = setup
+    out_dtypes: set[torch.dtype] = set()
+
+    def record(module, args, out):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and torch.is_grad_enabled():
+            out_dtypes.add(out.dtype)
+
+    fp32 = finetune(root, handoff, "fp32", "train.precision=fp32")
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        bf16 = finetune(root, handoff, "bf16", "train.precision=bf16")
+    finally:
+        handle.remove()
+    assert out_dtypes == {torch.bfloat16}, out_dtypes   # every training forward layer ran in bf16
+
+    a, b = losses(fp32), losses(bf16)
+    assert len(a) == len(b) == 4
+    assert a != b                                          # the precision changed the numbers ...
+    assert b == pytest.approx(a, rel=3e-2)                 # ... by bf16 rounding, no more
+    wa = load_file(str(fp32 / "model" / "model.safetensors"))
+    wb = load_file(str(bf16 / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wb[k].dtype == wa[k].dtype                  # the weights themselves stay fp32
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=5e-3, msg=k)
+
+
+def test_bf16_resume_equals_uninterrupted(setup):
+    from safetensors.torch import load_file
+
+    from finetune import train as train_mod
+
+    root, handoff = setup
+    extra = ("train.precision=bf16", "train.checkpoint_every=2")
+    full = finetune(root, handoff, "bf16_full", *extra)
+    real, calls = train_mod.lr_factor, {"n": 0}
+
+    def stop_after_two(*a):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    train_mod.lr_factor = stop_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(root, handoff, "bf16_cut", *extra)
+    finally:
+        train_mod.lr_factor = real
+    cut = finetune(root, handoff, "bf16_cut", *extra, "resume=latest")
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(cut / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("value, match", [("fp16", "needs a CUDA GPU"), ("half", "must be one of")])
+def test_precision_refused_by_name(setup, value, match):
+    root, handoff = setup
+    with pytest.raises(BatonError, match=match):
+        finetune(root, handoff, f"bad_{value}", f"train.precision={value}", "train.device=cpu")
