@@ -23,10 +23,28 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from baton.distributed import all_reduce_sum
 from baton.errors import BatonError
 
 KEY = "train.max_nonfinite_steps"
 log = logging.getLogger("baton")
+
+
+def nonfinite_ranks(losses: torch.Tensor, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The ranks whose loss of this step is not finite, the same list on every rank. One all_reduce
+    of each rank's flag decides for all: a rank that decided alone would apply an update (or wait in
+    a collective) that the others skip, and the replicas would part or the run would hang."""
+    flags = torch.zeros(world_size, device=losses.device)
+    flags[rank] = (~torch.isfinite(losses)).any().float()
+    return [r for r, bad in enumerate(all_reduce_sum(flags).tolist()) if bad]
+
+
+def describe(losses: torch.Tensor, bad: list[int], rank: int = 0, world_size: int = 1) -> str:
+    """Where the loss was not finite, for the message every rank prints."""
+    if world_size == 1:
+        return str(losses.tolist())
+    where = f"on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {world_size}"
+    return where + (f"; here, rank {rank}: {losses.tolist()}" if rank in bad else "")
 
 
 class NonFiniteSteps:

@@ -28,10 +28,11 @@ from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir,
                               writing_step)
 from baton.cli_config import parse_stage_config
 from baton.config import to_yaml
-from baton.distributed import all_gather_object, all_reduce_sum, barrier, destroy, init_distributed
+from baton.distributed import all_gather_object, barrier, destroy, init_distributed
 from baton.errors import BatonError
 from baton.logs import MetricsWriter, setup_logging
-from baton.nonfinite import NonFiniteSteps
+from baton.nonfinite import NonFiniteSteps, nonfinite_ranks
+from baton.nonfinite import describe as describe_nonfinite
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
 from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state
@@ -172,10 +173,10 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
             # every rank learns whether any rank's loss is not finite, before the update that would
             # spread it into the weights and the next checkpoint
             step_losses = torch.stack(losses)
-            bad = all_reduce_sum((~torch.isfinite(step_losses)).any().float().reshape(1))
-            skipped_step = bad.item() > 0
+            bad = nonfinite_ranks(step_losses, info.rank, info.world_size)
+            skipped_step = bool(bad)
             if skipped_step:   # raises past train.max_nonfinite_steps; else nothing of it is applied
-                nonfinite.skip(step + 1, f"{step_losses.tolist()} on rank {info.rank}",
+                nonfinite.skip(step + 1, describe_nonfinite(step_losses, bad, info.rank, info.world_size),
                                lambda: latest_checkpoint(ckpt_root), f"lower optim.lr (now {cfg.optim.lr})")
                 if not strategy.skip_step():
                     raise BatonError(f"train.strategy={strategy.name} applied the update of step {step + 1}, whose "

@@ -1,0 +1,157 @@
+"""Faults of one rank in a 2-rank pretraining run (gloo on CPU, one plain process per rank, as
+srun starts them: no torchrun agent that would end the survivors itself).
+
+- one rank's loss is not finite: every rank takes the same decision at the same step, because the
+  decision is an all_reduce of each rank's finite flag. With `train.max_nonfinite_steps=1` both
+  skip it and the run equals a 2-rank run whose update of that step was left out; with 0 both stop
+  at that step, naming it and the rank whose loss was not finite. A rank that decided alone would
+  apply (or wait for) a step the other one does not.
+- one rank is killed with SIGKILL: the survivor exits within the collective limit
+  (`BATON_COLLECTIVE_TIMEOUT_S`) with an error naming its rank and the lost peer, never a hang or a
+  raw traceback; `resume=latest` then ends bit-equal to an uninterrupted run.
+
+Pytest runs the tests; each rank runs this file as a script (`_worker`) or `python -m baton`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton.checkpoint import load_checkpoint
+from test_pretrain import write_tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+POISONED = 3          # the 1-based step whose loss is NaN on rank 1 only
+STEPS = 8             # 2 epochs of 64 samples at 8 per rank x 2 ranks
+TIMEOUT_S = 20        # BATON_COLLECTIVE_TIMEOUT_S of these runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(argv: list[str], out: Path, tag: str) -> list[subprocess.Popen]:
+    """Two processes `python ARGV` forming one 2-rank world; stderr to OUT/TAG-rankR.txt."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "BATON_COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S),
+           "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs = []
+    for r in (0, 1):
+        with open(out / f"{tag}-rank{r}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [p.returncode for p in procs]
+
+
+def stderr_of(out: Path, tag: str, rank: int) -> str:
+    return (out / f"{tag}-rank{rank}.txt").read_text()
+
+
+def full_state(run: Path) -> dict:
+    from pretrain.strategies import full_model_state
+
+    state, meta = load_checkpoint(run)
+    return {"step": state["step"], "model": full_model_state(meta["path"], state), "optimizer": state["optimizer"],
+            "nonfinite_steps": state.get("nonfinite_steps")}
+
+
+# ------------------------------------------------------------------ one rank's loss not finite
+
+@pytest.mark.slow
+def test_one_ranks_nonfinite_loss_is_decided_by_every_rank_together(tmp_path, synthetic_shards):
+    procs = start_ranks([__file__, "nonfinite", str(tmp_path), str(synthetic_shards)], tmp_path, "nonfinite")
+    codes = wait_all(procs, timeout=420)
+    assert codes == [0, 0], [stderr_of(tmp_path, "nonfinite", r)[-4000:] for r in (0, 1)]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    # train.max_nonfinite_steps=1: both ranks skipped step 3 and went on, as without its update
+    for r in (0, 1):
+        assert seen[r]["skip"]["steps"] == list(range(1, STEPS + 1)), r
+        assert seen[r]["skip"]["sums"][POISONED - 1] == seen[r]["skip"]["sums"][POISONED - 2], r   # step 3: no change
+    assert seen[0]["skip"]["sums"] == seen[1]["skip"]["sums"]       # the replicas never differed
+    skip, ref = full_state(tmp_path / "skip"), full_state(tmp_path / "reference")
+    assert skip["step"] == ref["step"] == STEPS and skip["nonfinite_steps"] == [POISONED]
+    assert all(torch.equal(skip["model"][k], ref["model"][k]) for k in ref["model"])
+
+    # the default 0: both ranks stop at step 3, before it is applied, naming it and rank 1
+    for r in (0, 1):
+        stop = seen[r]["stop"]
+        assert stop["steps"] == [1, 2] and stop["error"] is not None, r
+        assert f"not finite at step {POISONED}" in stop["error"] and "on rank 1 of 2" in stop["error"], stop
+        assert "step_000002" in stop["error"], stop          # the last good checkpoint
+    assert load_checkpoint(tmp_path / "stop")[0]["step"] == 2
+
+
+def _nonfinite_worker(out: Path, shards: str) -> None:
+    """Three runs in one process group: the reference (the optimiser's update of step 3 left out),
+    rank 1's loss NaN at step 3 with max_nonfinite_steps=1 (skip) and with 0 (stop)."""
+    import pretrain.train
+    from baton.config import load_config
+    from baton.errors import BatonError
+    from pretrain.clip.method import ClipMethod
+    from pretrain.config import PretrainConfig
+    from test_nonfinite import drop_update, poison_method_loss
+
+    rank = int(os.environ["RANK"])
+    destroy = pretrain.train.destroy
+    pretrain.train.destroy = lambda: None   # several runs in one process group
+    cfg_path = write_tiny_config(out / f"c{rank}.yaml", out / "unused", shards,
+                                 train={"epochs": 2, "checkpoint_every": 2, "log_every": 1})
+    seen: dict[str, dict] = {}
+
+    def run(name: str, *overrides: str, done: list[int] | None = None) -> None:
+        steps, sums = [], []
+
+        def on_step(step, model):
+            steps.append(step)
+            if done is not None:   # drop_update's count of finished steps
+                done[0] = step
+            sums.append(sum(p.double().sum().item() for p in model.parameters()))
+
+        cfg = load_config(PretrainConfig, cfg_path, [f"run_dir={out / name}", *overrides])
+        error = None
+        try:
+            assert pretrain.train.train(cfg, on_step=on_step) == 0
+        except BatonError as e:
+            error = str(e)
+        seen[name] = {"steps": steps, "sums": sums, "error": error}
+
+    with pytest.MonkeyPatch.context() as m:
+        run("reference", done=drop_update(m, POISONED))
+    with pytest.MonkeyPatch.context() as m:
+        poison_method_loss(m, ClipMethod, {POISONED}, ranks={1})
+        run("skip", "train.max_nonfinite_steps=1")
+        run("stop")
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    destroy()
+
+
+if __name__ == "__main__":
+    mode, out, shards = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    {"nonfinite": _nonfinite_worker}[mode](out, shards)
