@@ -5,16 +5,19 @@ MASTER_PORT); a plain `python` run is a world of one with no process group. gloo
 
 Every collective has a time limit, `BATON_COLLECTIVE_TIMEOUT_S` seconds (default 1800): a rank that
 died or was stopped makes the others fail with an error naming this rank and the collective, instead
-of waiting without a word. (torch's own limit applies to the collectives inside DDP/FSDP too.)
+of waiting without a word. torch's own limit applies to the collectives inside DDP/FSDP too, and
+`peer_failures` turns their failure (a peer's socket closed by a kill -9, or the limit reached) into
+the same error, naming the lost peer, where a training loop runs them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,16 +67,50 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+# What a collective's failure says when the fault is a peer's (gloo's and NCCL's transport
+# errors come as plain RuntimeErrors, not always as torch's DistError)
+_PEER_FAULT = re.compile(r"gloo|nccl|c10d|ProcessGroup|connection (closed|reset) by peer|broken pipe|timed out",
+                         re.IGNORECASE)
+_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)")
+
+
+def peer_fault(e: BaseException) -> bool:
+    """Whether `e`, raised in a multi-process run, is a collective that failed because of a peer."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_PEER_FAULT.search(str(e))))
+
+
+def _peer_error(what: str, e: BaseException) -> BatonError:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", first)[:200]   # gloo's source position
+    at = _ADDRESS.search(str(e))
+    who = f"rank {1 - rank}" if world == 2 else "another rank"
+    who += f" (the peer at {at.group(1)}:{at.group(2)})" if at else ""
+    return BatonError(f"rank {rank} of {world}: {what} failed ({first}); {who} died, was stopped or is stuck (see "
+                      f"its log). The limit is {TIMEOUT_ENV}={collective_timeout_s():.0f} s; continue with "
+                      f"resume=latest once every rank runs")
+
+
 @contextmanager
-def _named(what: str) -> Iterator[None]:
-    """A failed collective (a peer timed out, died or was stopped) as an error naming this rank."""
+def peer_failures(what: str | Callable[[], str], only_peer_faults: bool = True) -> Iterator[None]:
+    """A collective inside that fails because a peer died, was stopped or hangs, as one BatonError
+    naming this rank and the peer, instead of a traceback from deep inside torch. It covers the
+    collectives baton calls (below) and those torch runs itself: DDP's gradient all-reduce, FSDP's
+    gathers, open_clip's feature all_gather. Other errors pass unchanged (`only_peer_faults`: around
+    one of baton's own collectives, any failure is the collective's). `what` may be a function, read
+    when it fails (a training loop's current step)."""
     try:
         yield
-    except (RuntimeError, dist.DistError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BatonError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed ({first}); another "
-                         f"rank died, was stopped or is stuck (see its log). The limit is {TIMEOUT_ENV}="
-                         f"{collective_timeout_s():.0f} s; continue with resume=latest once every rank runs") from None
+    except RuntimeError as e:
+        if isinstance(e, BatonError) or not (dist.is_available() and dist.is_initialized()):
+            raise
+        if only_peer_faults and not peer_fault(e):
+            raise
+        raise _peer_error(what() if callable(what) else what, e) from None
+
+
+def _named(what: str):
+    return peer_failures(what, only_peer_faults=False)
 
 
 def barrier() -> None:

@@ -28,7 +28,7 @@ from baton.checkpoint import (latest_checkpoint, load_checkpoint, open_step_dir,
                               writing_step)
 from baton.cli_config import parse_stage_config
 from baton.config import to_yaml
-from baton.distributed import all_gather_object, barrier, destroy, init_distributed
+from baton.distributed import all_gather_object, barrier, destroy, init_distributed, peer_failures
 from baton.errors import BatonError
 from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps, nonfinite_ranks
@@ -161,7 +161,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         barrier()
 
     batches = forever(loader)
-    with logs_above_bar(log):
+    # a peer lost in any collective of a step (DDP's, the method's, a checkpoint's): one clear error
+    with logs_above_bar(log), peer_failures(lambda: f"step {step + 1} of {total}"):
         while step < stop_at and not stopped:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(step, total, cfg.optim.warmup_steps)

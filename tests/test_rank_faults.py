@@ -152,6 +152,62 @@ def _nonfinite_worker(out: Path, shards: str) -> None:
     destroy()
 
 
+
+# A rank of `baton pretrain` that SIGKILLs itself in the middle of step KILL_AT (after its forward,
+# before the backward's all-reduce): what the OOM killer or a lost node does to one rank.
+SELF_KILL = """
+import os, signal, sys
+from pretrain.clip.method import ClipMethod
+real, victim, at = ClipMethod.loss, int(sys.argv[1]), int(sys.argv[2])
+def loss(self, net, batch, step, total):
+    out = real(self, net, batch, step, total)
+    if self.info.rank == victim and step + 1 == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+ClipMethod.loss = loss
+from baton.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_shards) -> tuple[Path, Path]:
+    """A 2-rank `baton pretrain` of 8 steps (checkpoints every 2) and its config."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_tiny_config(out / "c.yaml", out / "unused", synthetic_shards,
+                            train={"epochs": 2, "checkpoint_every": 2})
+    codes = wait_all(start_ranks(["-m", "baton", "pretrain", str(cfg), f"run_dir={out / 'run'}"], out, "full"), 300)
+    assert codes == [0, 0], [stderr_of(out, "full", r)[-4000:] for r in (0, 1)]
+    return cfg, out / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])   # rank 0 also holds the rendezvous store
+def test_a_killed_rank_ends_the_other_with_a_clear_error_and_resume_is_bit_equal(victim, uninterrupted, tmp_path):
+    from test_kill_points import assert_same_checkpoint
+
+    cfg, full = uninterrupted
+    run, survivor, kill_at = tmp_path / "run", 1 - victim, 5
+    procs = start_ranks(["-c", SELF_KILL, str(victim), str(kill_at), "pretrain", str(cfg), f"run_dir={run}"],
+                        tmp_path, "killed")
+    procs[victim].wait(timeout=300)
+    died = time.monotonic()
+    codes = wait_all(procs, timeout=TIMEOUT_S + 30)
+    lasted = time.monotonic() - died
+    err = stderr_of(tmp_path, "killed", survivor)
+    assert codes[victim] == -signal.SIGKILL and codes[survivor] == 2, (codes, err[-4000:])
+    assert lasted < TIMEOUT_S + 10, lasted                         # bounded by the collective limit
+    assert "Traceback" not in err, err[-4000:]
+    assert f"error: rank {survivor} of 2: step {kill_at} of {STEPS} failed" in err, err[-2000:]
+    assert f"rank {victim} (the peer at 127.0.0.1:" in err and "resume=latest" in err, err[-2000:]
+    assert load_checkpoint(run)[0]["step"] == kill_at - 1          # the last one before the kill
+
+    codes = wait_all(start_ranks(["-m", "baton", "pretrain", str(cfg), f"run_dir={run}", "resume=latest"],
+                                 tmp_path, "resumed"), 300)
+    assert codes == [0, 0], [stderr_of(tmp_path, "resumed", r)[-4000:] for r in (0, 1)]
+    assert_same_checkpoint(full, run, ("model", "optimizer"))
+
+
 if __name__ == "__main__":
     mode, out, shards = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     {"nonfinite": _nonfinite_worker}[mode](out, shards)
