@@ -4,8 +4,10 @@ to an uninterrupted run, and a checkpoint cut short never replaces the last good
 
 The kill points are drawn from a fixed seed (2 per stage, to keep the time down); a kill lands
 wherever the process is when its metrics row for that step appears (mid-step, in a checkpoint,
-in the loader), which is the point: any instant must be safe. kill -9 of `baton shards` is in
-tests/test_data_prep_http.py (workers, parts, resume give the same bytes)."""
+in the loader), which is the point: any instant must be safe. `baton shards --workers 2` is killed
+the same way (only its main process, as the OOM killer would): its workers must not outlive it,
+and the rerun must give the shards of an uninterrupted run, byte for byte (tests/
+test_data_prep_http.py kills the whole process group of a run over URLs)."""
 
 from __future__ import annotations
 
@@ -194,3 +196,87 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path, synt
     run_to_end(["pretrain", str(cfg), f"run_dir={run}", "resume=latest"])
     assert not (ckpts / ".step_000004.tmp").exists()
     assert_same_checkpoint(tmp_path / "full", run, ("model", "optimizer"))
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    kids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids |= {int(d.name)} | _children(int(d.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has not reaped it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_shards_after(argv: list[str], out: Path, more: int) -> int:
+    """Start `baton shards ARGV`; once it has recorded `more` chunks beyond those already done,
+    SIGKILL its main process only. Its forkserver and workers, seen while it ran, must all be gone
+    within 15 s. Returns how many there were."""
+    def recorded() -> int:
+        return len(list((out / "_progress").glob("chunk-*.json")))
+
+    proc = subprocess.Popen([sys.executable, "-m", "baton", *argv], env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target, seen, deadline = recorded() + more, set(), time.monotonic() + 120
+    try:
+        while recorded() < target:
+            if len(seen) < 3:   # the forkserver and 2 workers
+                seen |= _children(proc.pid)
+            assert proc.poll() is None, f"ended before chunk {target}: {proc.stderr.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, f"chunk {target} not recorded in 120 s"
+            time.sleep(0.01)
+        seen |= _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_running(p) for p in seen):
+        time.sleep(0.1)
+    alive = [p for p in seen if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert len(seen) >= 3 and not alive, f"{len(alive)} of the {len(seen)} processes of baton shards outlived it"
+    return recorded()
+
+
+@pytest.mark.slow
+def test_baton_shards_killed_at_random_points_gives_the_same_shards(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from test_data_prep_http import _digests
+
+    rng = np.random.default_rng(SEED)
+    root = tmp_path / "tree"
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i:02d}.png")
+    chunks = 60                                  # 120 images, 2 a shard (a kill lets at most
+                                                 # the ~5 chunks already sent to workers finish)
+    base = ["shards", "folder", str(root), "--shard-size", "2", "--max-side", "48"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run_to_end([*base, "--out", str(ref)])
+    done = [_kill_shards_after([*base, "--out", str(killed), "--workers", "2"], killed, more)
+            for more in random.Random(f"{SEED}-shards").sample(range(1, 8), 3)]   # chunks more per run
+    assert done[-1] < chunks and not (killed / "stats.json").exists(), done
+    run_to_end([*base, "--out", str(killed), "--workers", "2"])
+    assert _digests(killed) == _digests(ref)     # same shards, same bytes, same stats
+    assert len(_digests(ref)[0]) == chunks
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
