@@ -49,6 +49,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise SkipSample("not_a_file", str(p)) from None
     except OSError as e:
         raise SkipSample("unreadable_file", f"{p}: {e}") from None
+    except ValueError as e:   # a NUL byte in the path (a table cell, say): no file can have that name
+        raise SkipSample("unreadable_file", f"{str(p)!r}: {e}") from None
 
 
 def decode(data: bytes, where: str = "", draft: bool = False) -> Image.Image:

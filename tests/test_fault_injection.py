@@ -120,3 +120,45 @@ def test_pretraining_eval_shards_fail_past_the_skipped_fraction(tmp_path, synthe
     assert cli_main(["pretrain", str(cfg), f"run_dir={tmp_path / 'lenient'}", "eval.max_skipped_fraction=0.9"]) == 0
     row = [r for r in read_metrics(tmp_path / "lenient" / "metrics.jsonl") if "eval/skipped" in r][-1]
     assert row["eval/skipped"] == sum(1 for _, e in BAD_SAMPLES.values() if e) + 1   # + the unreadable shard
+
+
+@pytest.mark.parametrize("sep, name", [(",", "pairs.csv"), ("\t", "pairs.tsv")])
+def test_baton_shards_table_counts_every_bad_row_and_file(class_folders, tmp_path, sep, name):
+    """The table source over the corpus's files (every bad image listed as a row) and every kind
+    of bad row: each skipped and counted by its reason, the good rows written, no traceback."""
+    root, expected = class_folders
+    files = sorted(p for p in root.rglob("*") if p.parent != root)          # folder.png too: a folder
+    rows = [f"{p.relative_to(tmp_path)}{sep}a picture of {p.parent.name}".encode() for p in files]
+    good_rows = [f'tree/c1/0.png{sep}"a caption on two lines{sep}\nwith the separator"'.encode(),
+                 f"tree/c1/1.png{sep}trailing empty cells{sep}{sep}".encode()]
+    bad_rows = {"missing_image_path": [f"{sep}no image".encode()],
+                "empty_caption": [f"tree/c1/2.png{sep}".encode(), b"tree/c1/3.png"],
+                "malformed_row": [f"tree/c1/4.png{sep}a caption{sep}with an unquoted separator".encode(),
+                                  f'tree/c1/5.png{sep}"closed"early'.encode()],
+                "undecodable_row": [f"tree/c2/0.png{sep}caf".encode() + b"\xe9 latin-1"],
+                "unreadable_file": [f"tree/c2/1\0.png{sep}a NUL in the path".encode()],
+                "missing_file": [f"tree/c2/nowhere.png{sep}gone".encode()],
+                "not_a_file": [f"tree/c3{sep}a class folder".encode()]}
+    table = tmp_path / name
+    table.write_bytes(b"\n".join([f"image{sep}caption".encode(), *rows, *good_rows,
+                                  *[r for rs in bad_rows.values() for r in rs]]) + b"\n")
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "-m", "baton", "shards", "table", str(table), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    want = dict(expected["bad"])
+    want["not_a_file"] += 1                                  # folder.png, listed as an image
+    for reason, listed in bad_rows.items():
+        want[reason] = want.get(reason, 0) + len(listed)
+    assert stats["skipped"] == dict(sorted(want.items()))
+    assert stats["written"] == expected["good"] + len(good_rows)
+
+    # a quote never closed would make every later line one cell: the table is refused, naming the line
+    table.write_bytes(b"\n".join([f"image{sep}caption".encode(), *rows[:3], f'tree/c1/0.png{sep}"open'.encode(),
+                                  *rows[3:]]) + b"\n")
+    done = subprocess.run([sys.executable, "-m", "baton", "shards", "table", str(table), "--out",
+                           str(tmp_path / "refused")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{table}: the quote opened on line 5 is never closed" in done.stderr
+    assert not (tmp_path / "refused").exists()

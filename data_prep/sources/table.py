@@ -48,26 +48,65 @@ def resolve_separator(path: Path, sep: str, sample: str) -> str:
         raise BatonError(f"{path}: cannot tell the column separator; pass --sep comma|tab|semicolon|pipe") from None
 
 
-def read_table(path: Path, sep: str = "auto") -> tuple[list[str], list[dict[str, str | None]]]:
-    """(header, rows) of the table; a BatonError naming the file for anything unreadable."""
+def read_table(path: Path, sep: str = "auto") -> tuple[list[str], list[tuple[int, dict[str, str | None] | Skip]]]:
+    """(header, [(line, row)]) of the table; a bad row is a `Skip` in its place, so that one broken
+    line of a million costs that row, counted, not the run: more cells than the header has
+    (`malformed_row`: the cells cannot be matched to columns, e.g. an unquoted comma in a caption),
+    a quote the csv module refuses (`malformed_row`), bytes that are not UTF-8 (`undecodable_row`).
+    Missing trailing cells are empty. A BatonError naming the file for what spoils the whole table:
+    unreadable, no header, or a quote left open, which would swallow every row after it."""
     if not path.exists():
         raise BatonError(f"table not found: {path} (pass a .csv or .tsv file with a header row)")
     if not path.is_file():
         raise BatonError(f"{path} is not a file (pass a .csv or .tsv file with a header row)")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BatonError(f"{path}: not UTF-8 text ({e}); re-save the table as UTF-8") from None
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")   # bad bytes kept, per row
+    except OSError as e:
+        raise BatonError(f"{path}: cannot read the table ({e})") from None
     delimiter = resolve_separator(path, sep, text[:65536])
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        rows = list(reader)
-    except csv.Error as e:
-        raise BatonError(f"{path}: malformed table at line {reader.line_num}: {e}") from None
-    header = [h for h in (reader.fieldnames or []) if h is not None]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str | None] | Skip]] = []
+    while True:
+        line = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise BatonError(f"{path}: the quote opened on line {line} is never closed, so every line after it "
+                                 f"would be one cell; close it (a quote inside a quoted cell is written \"\")") from None
+            if header is None:
+                raise BatonError(f"{path}: malformed header row on line {line}: {e}") from None
+            rows.append((line, Skip("malformed_row", f"{path.name} line {line}: {e}")))
+            continue
+        if not cells:
+            continue                                            # a blank line
+        if header is None:
+            if not _utf8(cells):
+                raise BatonError(f"{path}: the header row is not UTF-8 text; re-save the table as UTF-8")
+            header = cells
+        elif not _utf8(cells):
+            rows.append((line, Skip("undecodable_row", f"{path.name} line {line}: not UTF-8 (re-save the table "
+                                                       f"as UTF-8)")))
+        elif any(c.strip() for c in cells[len(header):]):
+            rows.append((line, Skip("malformed_row", f"{path.name} line {line}: {len(cells)} cells, the header has "
+                                                     f"{len(header)} (quote a cell that holds {delimiter!r})")))
+        else:
+            rows.append((line, {h: (cells[j] if j < len(cells) else None) for j, h in enumerate(header)}))
     if not header:
         raise BatonError(f"{path}: empty table; expected a header row naming the image and caption columns")
     return header, rows
+
+
+def _utf8(cells: list[str]) -> bool:
+    """No byte of the cells failed to decode (surrogateescape turned such bytes into lone surrogates)."""
+    try:
+        "".join(cells).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_value(v: Any) -> Any:
@@ -114,7 +153,8 @@ def iter_records(path: str | Path, image_col: str = "image", caption_col: str = 
                  sep: str = "auto") -> Iterator[Item | Skip]:
     path = Path(path)
     if path.suffix.lower() in PARQUET_SUFFIXES:
-        header, rows = iter_parquet(path, (image_col, caption_col))
+        header, table = iter_parquet(path, (image_col, caption_col))
+        rows = ((i + 2, row) for i, row in enumerate(table))    # +1 for the header, +1 for 1-based
     else:
         header, rows = read_table(path, sep)
     for col, flag in ((image_col, "--image-col"), (caption_col, "--caption-col")):
@@ -122,8 +162,11 @@ def iter_records(path: str | Path, image_col: str = "image", caption_col: str = 
             raise BatonError(f"{path}: no column '{col}' (columns: {', '.join(header)}); "
                              f"name the right one with {flag}")
     base = path.parent
-    for i, row in enumerate(rows):
-        line = f"{path.name} row {i + 2}"  # +1 for the header, +1 for 1-based line numbers
+    for i, (number, row) in enumerate(rows):
+        if isinstance(row, Skip):
+            yield row
+            continue
+        line = f"{path.name} line {number}"
         image = str(row.get(image_col) or "").strip()
         caption = str(row.get(caption_col) or "").strip()
         if not image:
