@@ -115,8 +115,9 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         model.set_grad_checkpointing(True)
     n_params = sum(p.numel() for p in model.parameters())
     strategy = strategy_cls(cfg, info, method)
-    net, optimizer = strategy.setup(model, method.param_groups)
-    step, resumed = restore(run.resume_from, strategy, log)
+    with peer_failures("the model's setup (broadcast or resume)"):
+        net, optimizer = strategy.setup(model, method.param_groups)
+        step, resumed = restore(run.resume_from, strategy, log)
     loader_state = resumed.get("loader")
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps, resumed.get("nonfinite_steps", ()))
     loader = TrainLoader(shards, cfg.data, method.sample_map(strategy.model), seed=cfg.seed, rank=info.rank,

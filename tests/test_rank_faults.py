@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 POISONED = 3          # the 1-based step whose loss is NaN on rank 1 only
 STEPS = 8             # 2 epochs of 64 samples at 8 per rank x 2 ranks
 TIMEOUT_S = 20        # BATON_COLLECTIVE_TIMEOUT_S of these runs
+STRATEGIES = ("ddp", "fsdp")
 
 
 def _free_port() -> int:
@@ -77,40 +78,50 @@ def full_state(run: Path) -> dict:
     from pretrain.strategies import full_model_state
 
     state, meta = load_checkpoint(run)
-    return {"step": state["step"], "model": full_model_state(meta["path"], state), "optimizer": state["optimizer"],
+    return {"step": state["step"], "model": full_model_state(meta["path"], state),
             "nonfinite_steps": state.get("nonfinite_steps")}
 
 
 # ------------------------------------------------------------------ one rank's loss not finite
 
-@pytest.mark.slow
-def test_one_ranks_nonfinite_loss_is_decided_by_every_rank_together(tmp_path, synthetic_shards):
-    procs = start_ranks([__file__, "nonfinite", str(tmp_path), str(synthetic_shards)], tmp_path, "nonfinite")
-    codes = wait_all(procs, timeout=420)
-    assert codes == [0, 0], [stderr_of(tmp_path, "nonfinite", r)[-4000:] for r in (0, 1)]
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+@pytest.fixture(scope="module")
+def nonfinite_launch(tmp_path_factory, synthetic_shards) -> tuple[Path, list[dict]]:
+    """One 2-rank launch running the runs of `_nonfinite_worker` for each strategy."""
+    out = tmp_path_factory.mktemp("nonfinite")
+    codes = wait_all(start_ranks([__file__, "nonfinite", str(out), str(synthetic_shards)], out, "nonfinite"), 420)
+    assert codes == [0, 0], [stderr_of(out, "nonfinite", r)[-4000:] for r in (0, 1)]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_ranks_nonfinite_loss_is_decided_by_every_rank_together(strategy, nonfinite_launch):
+    out, seen = nonfinite_launch
     # train.max_nonfinite_steps=1: both ranks skipped step 3 and went on, as without its update
+    skip_run, stop_run = seen[0][f"{strategy}-skip"], seen[0][f"{strategy}-stop"]
     for r in (0, 1):
-        assert seen[r]["skip"]["steps"] == list(range(1, STEPS + 1)), r
-        assert seen[r]["skip"]["sums"][POISONED - 1] == seen[r]["skip"]["sums"][POISONED - 2], r   # step 3: no change
-    assert seen[0]["skip"]["sums"] == seen[1]["skip"]["sums"]       # the replicas never differed
-    skip, ref = full_state(tmp_path / "skip"), full_state(tmp_path / "reference")
+        skip = seen[r][f"{strategy}-skip"]
+        assert skip["error"] is None and skip["steps"] == list(range(1, STEPS + 1)), (r, skip["error"])
+        assert skip["sums"][POISONED - 1] == skip["sums"][POISONED - 2], r     # step 3 changed nothing
+    if strategy == "ddp":   # replicas agree (FSDP's ranks each hold a shard)
+        assert seen[0]["ddp-skip"]["sums"] == seen[1]["ddp-skip"]["sums"]
+    skip, ref = full_state(out / f"{strategy}-skip"), full_state(out / f"{strategy}-reference")
     assert skip["step"] == ref["step"] == STEPS and skip["nonfinite_steps"] == [POISONED]
     assert all(torch.equal(skip["model"][k], ref["model"][k]) for k in ref["model"])
 
     # the default 0: both ranks stop at step 3, before it is applied, naming it and rank 1
     for r in (0, 1):
-        stop = seen[r]["stop"]
+        stop = seen[r][f"{strategy}-stop"]
         assert stop["steps"] == [1, 2] and stop["error"] is not None, r
         assert f"not finite at step {POISONED}" in stop["error"] and "on rank 1 of 2" in stop["error"], stop
         assert "step_000002" in stop["error"], stop          # the last good checkpoint
-    assert load_checkpoint(tmp_path / "stop")[0]["step"] == 2
+    assert ("here, rank 1" in seen[1][f"{strategy}-stop"]["error"]) and ("here" not in stop_run["error"])
+    assert load_checkpoint(out / f"{strategy}-stop")[0]["step"] == 2 and skip_run["error"] is None
 
 
 def _nonfinite_worker(out: Path, shards: str) -> None:
-    """Three runs in one process group: the reference (the optimiser's update of step 3 left out),
-    rank 1's loss NaN at step 3 with max_nonfinite_steps=1 (skip) and with 0 (stop)."""
+    """Three runs per strategy in one process group: the reference (the optimiser's update of step 3
+    left out), rank 1's loss NaN at step 3 with max_nonfinite_steps=1 (skip) and with 0 (stop)."""
     import pretrain.train
     from baton.config import load_config
     from baton.errors import BatonError
@@ -142,12 +153,13 @@ def _nonfinite_worker(out: Path, shards: str) -> None:
             error = str(e)
         seen[name] = {"steps": steps, "sums": sums, "error": error}
 
-    with pytest.MonkeyPatch.context() as m:
-        run("reference", done=drop_update(m, POISONED))
-    with pytest.MonkeyPatch.context() as m:
-        poison_method_loss(m, ClipMethod, {POISONED}, ranks={1})
-        run("skip", "train.max_nonfinite_steps=1")
-        run("stop")
+    for strategy in STRATEGIES:
+        with pytest.MonkeyPatch.context() as m:
+            run(f"{strategy}-reference", f"train.strategy={strategy}", done=drop_update(m, POISONED))
+        with pytest.MonkeyPatch.context() as m:
+            poison_method_loss(m, ClipMethod, {POISONED}, ranks={1})
+            run(f"{strategy}-skip", f"train.strategy={strategy}", "train.max_nonfinite_steps=1")
+            run(f"{strategy}-stop", f"train.strategy={strategy}")
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
     destroy()
 
