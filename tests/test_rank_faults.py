@@ -8,7 +8,8 @@ srun starts them: no torchrun agent that would end the survivors itself).
   apply (or wait for) a step the other one does not.
 - one rank is killed with SIGKILL: the survivor exits within the collective limit
   (`BATON_COLLECTIVE_TIMEOUT_S`) with an error naming its rank and the lost peer, never a hang or a
-  raw traceback; `resume=latest` then ends bit-equal to an uninterrupted run.
+  raw traceback; `resume=latest` then ends bit-equal to an uninterrupted run. One that is stopped
+  (SIGSTOP) makes the other fail the same way once the limit has passed.
 
 Pytest runs the tests; each rank runs this file as a script (`_worker`) or `python -m baton`.
 """
@@ -43,11 +44,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(argv: list[str], out: Path, tag: str) -> list[subprocess.Popen]:
+def start_ranks(argv: list[str], out: Path, tag: str, timeout_s: int = TIMEOUT_S) -> list[subprocess.Popen]:
     """Two processes `python ARGV` forming one 2-rank world; stderr to OUT/TAG-rankR.txt."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "BATON_COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S),
+           "MASTER_PORT": str(port), "BATON_COLLECTIVE_TIMEOUT_S": str(timeout_s),
            "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     procs = []
     for r in (0, 1):
@@ -63,11 +64,15 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         for p in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 0.1))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill_all(procs)
     return [p.returncode for p in procs]
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def stderr_of(out: Path, tag: str, rank: int) -> str:
@@ -165,20 +170,21 @@ def _nonfinite_worker(out: Path, shards: str) -> None:
 
 
 
-# A rank of `baton pretrain` that SIGKILLs itself in the middle of step KILL_AT (after its forward,
-# before the backward's all-reduce): what the OOM killer or a lost node does to one rank.
+# A rank of `baton pretrain` that sends itself SIGNAL in the middle of step AT (after its forward,
+# before the backward's all-reduce): SIGKILL is what the OOM killer or a lost node does to a rank,
+# SIGSTOP a rank that hangs (a stuck file system, a debugger).
 SELF_KILL = """
 import os, signal, sys
 from pretrain.clip.method import ClipMethod
-real, victim, at = ClipMethod.loss, int(sys.argv[1]), int(sys.argv[2])
+real, victim, at, sig = ClipMethod.loss, int(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3])
 def loss(self, net, batch, step, total):
     out = real(self, net, batch, step, total)
     if self.info.rank == victim and step + 1 == at:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
     return out
 ClipMethod.loss = loss
 from baton.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -200,8 +206,8 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error_and_resume_is_bit_equal
 
     cfg, full = uninterrupted
     run, survivor, kill_at = tmp_path / "run", 1 - victim, 5
-    procs = start_ranks(["-c", SELF_KILL, str(victim), str(kill_at), "pretrain", str(cfg), f"run_dir={run}"],
-                        tmp_path, "killed")
+    procs = start_ranks(["-c", SELF_KILL, str(victim), str(kill_at), "SIGKILL", "pretrain", str(cfg),
+                         f"run_dir={run}"], tmp_path, "killed")
     procs[victim].wait(timeout=300)
     died = time.monotonic()
     codes = wait_all(procs, timeout=TIMEOUT_S + 30)
@@ -218,6 +224,24 @@ def test_a_killed_rank_ends_the_other_with_a_clear_error_and_resume_is_bit_equal
                                  tmp_path, "resumed"), 300)
     assert codes == [0, 0], [stderr_of(tmp_path, "resumed", r)[-4000:] for r in (0, 1)]
     assert_same_checkpoint(full, run, ("model", "optimizer"))
+
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_other_after_the_collective_limit(uninterrupted, tmp_path):
+    cfg, _ = uninterrupted
+    limit = 8
+    procs = start_ranks(["-c", SELF_KILL, "1", "5", "SIGSTOP", "pretrain", str(cfg), f"run_dir={tmp_path / 'run'}"],
+                        tmp_path, "stopped", timeout_s=limit)
+    try:
+        procs[0].wait(timeout=300)
+        err = stderr_of(tmp_path, "stopped", 0)
+        assert procs[0].returncode == 2 and "Traceback" not in err, err[-4000:]
+        assert "error: rank 0 of 2: step 5 of 8 failed" in err and "rank 1" in err, err[-2000:]
+        assert f"BATON_COLLECTIVE_TIMEOUT_S={limit} s" in err, err[-2000:]
+        assert procs[1].poll() is None                                # still stopped, never a word
+    finally:
+        kill_all(procs)                                               # the stopped one
 
 
 if __name__ == "__main__":
