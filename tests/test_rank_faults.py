@@ -244,6 +244,36 @@ def test_a_stopped_rank_ends_the_other_after_the_collective_limit(uninterrupted,
         kill_all(procs)                                               # the stopped one
 
 
+
+def test_only_a_peers_fault_is_reported_as_one(tmp_path):
+    """`peer_failures` names the lost peer for transport errors and timeouts, and lets every other
+    error (a bug, a BatonError) through unchanged: a shape mismatch must not read as a dead rank."""
+    import torch.distributed as dist
+
+    from baton.distributed import peer_failures
+    from baton.errors import BatonError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                            "peer [10.1.2.3]:29411. This is typically caused by a remote worker crashing.")
+        with pytest.raises(BatonError, match=r"^rank 0 of 1: step 7 failed \(Connection closed by peer "
+                                             r"\[10.1.2.3\]:29411\..*another rank \(the peer at 10.1.2.3:29411\) died"):
+            with peer_failures(lambda: "step 7"):
+                raise gloo
+        with pytest.raises(BatonError, match="rank 0 of 1: a barrier failed.*stuck"):
+            with peer_failures("a barrier"):
+                raise dist.DistBackendError("Timed out waiting 8000ms for recv operation to complete")
+        for error in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x32 and 16x32)"),
+                      BatonError("data.batch_size must be at least 1"), ValueError("bad value")):
+            with pytest.raises(type(error)) as caught:
+                with peer_failures("step 1"):
+                    raise error
+            assert caught.value is error
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out, shards = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     {"nonfinite": _nonfinite_worker}[mode](out, shards)
