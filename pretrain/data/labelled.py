@@ -23,6 +23,15 @@ truncated shard is never read as a smaller dataset without a word: `check_skippe
 the shards once more than a fraction of the samples is lost.
 
 The class of a sample is `key.json["class"]`, or (unless `class_required`) its caption `key.txt`.
+
+Grounding shards (`grounding=True`: GLIP's `eval.shards` and `baton evaluate` of a GLIP run) are
+read by the same code, so they get the same order, rank split and skip rule: a sample needs
+`key.json` holding a grounding record (`grounding_record`: a `caption` string and a `regions` list;
+else `bad_json`, or `missing_caption` for an empty caption), its caption is the record's, and the
+owning rank keeps the record's bytes beside the image's (`LabelledSample.raw`). What only the
+owner finds (an undecodable image, a region without a box) it reports with `skip_owned`, and
+`check_skipped_over_ranks` sums those over the ranks before the limit is applied, so every rank
+decides alike and the error names the shard wherever the bad sample was read.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from baton.distributed import all_gather_object
 from baton.errors import BatonError
 from baton.skips import check_skipped, skipped_fraction
 from pretrain.data.samples import IMAGE_KEYS, Rejected, StreamProgress, decode_image, group_samples, shard_files
@@ -53,6 +63,31 @@ class LabelledSample:
     label: str                 # the class name
     image: Optional[dict]      # {extension: image bytes} on the rank that owns `index`, else None
     url: str = ""              # the shard it came from
+    record: Optional[bytes] = None   # grounding shards: the key.json bytes, on the owning rank
+
+    def raw(self) -> dict:
+        """The sample as webdataset gives it ({ext: bytes, "json": bytes, "__key__"}), for a sample
+        map such as GLIP's `GroundingSample`; on the owning rank only."""
+        if self.image is None:
+            raise BatonError(f"sample {self.key} of {self.url} is not held on this rank")
+        return {**self.image, **({"json": self.record} if self.record is not None else {}), "__key__": self.key}
+
+
+def grounding_record(data: bytes) -> dict:
+    """The grounding record of a `key.json` (pretrain/glip/data.py documents it): a dict with a
+    non-empty `caption` string and a `regions` list, or `Rejected` (bad_json, missing_caption)."""
+    try:
+        rec = json.loads(data)
+        caption, regions = rec["caption"], rec["regions"]
+        if not isinstance(caption, str) or not isinstance(regions, list):
+            raise TypeError("caption must be a string and regions a list")
+    except KeyError as e:
+        raise Rejected("bad_json", f"no {e} in the grounding record") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Rejected("bad_json", str(e)) from None
+    if not caption.strip():
+        raise Rejected("missing_caption")
+    return rec
 
 
 @dataclass
@@ -63,6 +98,9 @@ class LabelledSet:
     lost: int = 0                      # samples stats.json lists that could not be read (see `check_skipped`)
     bad_by_shard: Counter = field(default_factory=Counter)   # shard URL -> samples skipped or lost there
     progress: Optional[StreamProgress] = None      # logs each skip naming the shard and key
+    # this rank's skips of its own samples (`skip_owned`): summed over ranks by `check_skipped_over_ranks`
+    owner_progress: StreamProgress = field(default_factory=StreamProgress)
+    owner_bad_by_shard: Counter = field(default_factory=Counter)
 
     def owned(self) -> list[LabelledSample]:
         return [s for s in self.samples if s.image is not None]
@@ -85,6 +123,25 @@ class LabelledSet:
             self.skipped[reason] += 1
         self.bad_by_shard[url] += 1
 
+    def skip_owned(self, sample: LabelledSample, reason: str, detail: str = "") -> None:
+        """One of this rank's samples found bad by its caller (decoding, a sample map's `Rejected`):
+        logged naming the shard and key, counted apart from the checks every rank made alike."""
+        self.owner_progress.reject(reason, sample.key, sample.url, detail)
+        self.owner_bad_by_shard[sample.url] += 1
+
+    def check_skipped_over_ranks(self, max_fraction: Optional[float], where: str,
+                                 fraction_key: str = "eval.max_skipped_fraction") -> Counter:
+        """`check_skipped` with every rank's `skip_owned` counts added (a collective: every rank
+        calls it); returns the skips by reason of the whole set, the same on every rank."""
+        skipped, by_shard = Counter(self.skipped), Counter(self.bad_by_shard)
+        for reasons, shards in all_gather_object((dict(self.owner_progress.rejected), dict(self.owner_bad_by_shard))):
+            skipped.update(reasons)
+            by_shard.update(shards)
+        check_skipped(skipped, self.read, by_shard, max_fraction, where, fraction_key,
+                      "Rewrite those shards with `baton shards`, or raise the limit to use what is left",
+                      lost=self.lost, uncounted=SHARD_REASONS)
+        return skipped
+
     def skipped_fraction(self) -> float:
         """Samples skipped or lost over the samples the shards should have given (read + lost)."""
         return skipped_fraction(self.skipped, self.read, self.lost, SHARD_REASONS)
@@ -101,13 +158,21 @@ class LabelledSet:
                       lost=self.lost, uncounted=SHARD_REASONS)
 
 
-def _check(sample: dict[str, Any], caption_required: bool, class_required: bool) -> tuple[str, str, str] | str:
+def _check(sample: dict[str, Any], caption_required: bool, class_required: bool,
+           grounding: bool = False) -> tuple[str, str, str] | str:
     """(caption, class, image extension) of a raw sample, or the reason to skip it."""
     if "__reject__" in sample:
         return sample["__reject__"]
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         return "missing_image"
+    if grounding:
+        if "json" not in sample:
+            return "bad_json"
+        try:
+            return grounding_record(sample["json"])["caption"], "", ext
+        except Rejected as r:
+            return r.reason
     raw = sample.get("txt")
     caption = ""
     if raw is None or not raw.strip():
@@ -157,13 +222,14 @@ def _count_short_shards(data: LabelledSet, urls: list[str], counts: dict[str, in
 
 def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1,
                   key: str = "eval.shards", caption_required: bool = True,
-                  class_required: bool = False) -> LabelledSet:
+                  class_required: bool = False, grounding: bool = False) -> LabelledSet:
     """The labelled samples of `shards` (a path, URL, brace pattern or list, as `data.train_shards`).
 
     The result lists the same samples, in the same order, on every rank; rank r holds the image
     bytes of the samples whose index % world_size == r. Raises `BatonError` naming `key` when the
     shards are missing or hold no usable sample. Finetuning needs a class but no caption
-    (`caption_required=False, class_required=True`); CLIP evaluation needs a caption.
+    (`caption_required=False, class_required=True`); CLIP evaluation needs a caption; GLIP's
+    `grounding=True` a grounding record in `key.json` (its caption; the owner keeps the record).
     """
     try:
         sources = resolve_sources(shards)
@@ -172,7 +238,8 @@ def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0,
     urls = sources.urls
     counts = {u: c for s in sources.sources for u, c in s.counts.items()}
     progress = StreamProgress(where=key)
-    data = LabelledSet(samples=[], skipped=progress.rejected, progress=progress)
+    data = LabelledSet(samples=[], skipped=progress.rejected, progress=progress,
+                       owner_progress=StreamProgress(where=key))
     read: Counter = Counter()   # shard URL -> samples read from it (kept or skipped)
     stopped_at = None
     raw_samples = group_samples(shard_files(enumerate(urls), progress, EMPTY_SHARDS_LIMIT))
@@ -183,19 +250,21 @@ def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0,
                 break
             read[raw["__url__"]] += 1
             data.read += 1
-            checked = _check(raw, caption_required, class_required)
+            checked = _check(raw, caption_required, class_required, grounding)
             if isinstance(checked, str):
                 data._skip(checked, raw["__key__"], raw["__url__"])
                 continue
             caption, label, ext = checked
             index = len(data.samples)
+            mine = index % world_size == rank
             data.samples.append(LabelledSample(index=index, key=raw["__key__"], caption=caption, label=label,
-                                               image={ext: raw[ext]} if index % world_size == rank else None,
-                                               url=raw["__url__"]))
+                                               image={ext: raw[ext]} if mine else None, url=raw["__url__"],
+                                               record=raw["json"] if grounding and mine else None))
     finally:
         raw_samples.close()  # closes the shard being read when max_samples stops early
     _count_short_shards(data, urls, counts, read, stopped_at)
     if not data.samples:
         raise BatonError(f"{key}={shards!r}: no usable labelled sample (skipped: {dict(data.skipped) or 'none'}); "
-                         f"point it at labelled shards written by `baton shards` (e.g. data/emoji/test)")
+                         f"point it at {'grounding' if grounding else 'labelled'} shards written by `baton shards` "
+                         f"(e.g. data/{'grounding-emoji' if grounding else 'emoji'}/test)")
     return data

@@ -15,13 +15,13 @@ the loader's workers (`row_normalize`) or on the device, as the method places it
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from torchvision import transforms as T
 
 from pretrain.data import Rejected, decode_image
+from pretrain.data.labelled import grounding_record
 from pretrain.data.uint8_images import BatchNormalize
 from pretrain.glip.config import GlipConfig
 
@@ -48,18 +48,7 @@ class GroundingSample:
         self.row_normalize: BatchNormalize | None = None
 
     def record(self, sample: dict) -> dict:
-        try:
-            rec = json.loads(sample["json"])
-            caption, regions = rec["caption"], rec["regions"]
-            if not isinstance(caption, str) or not isinstance(regions, list):
-                raise TypeError("caption must be a string and regions a list")
-        except KeyError as e:
-            raise Rejected("bad_json", f"no {e} in the grounding record") from None
-        except (ValueError, TypeError, AttributeError) as e:
-            raise Rejected("bad_json", str(e)) from None
-        if not caption.strip():
-            raise Rejected("missing_caption")
-        return rec
+        return grounding_record(sample["json"])   # the check the shared shard reader makes
 
     def encode(self, caption: str, regions: list[dict], scale_xy: tuple[float, float]) -> tuple[torch.Tensor, ...]:
         """Token ids, mask, boxes, valid and positive map of one caption and its regions."""

@@ -9,6 +9,10 @@ evaluator ranks them: without it the top 5 of a dense head are five copies of on
 counts as found at k when one of its top-k boxes overlaps its annotated box with IoU >= 0.5; the
 top-1 box is the one at the best location (NMS keeps the best box first). Samples are split over
 ranks (sample i on rank i mod world) and the counts summed, so every rank gets the same score.
+
+The scenes are read by the project's shared shard reader (`pretrain.data.labelled`), as CLIP's and
+DINO's held-out sets are: the same order and rank split, and its rule for bad input (a corrupt scene
+is skipped and counted, naming its shard; past `eval.max_skipped_fraction` the evaluation stops).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 from torchvision.ops import box_iou, nms
 
 from baton.distributed import all_reduce_sum
-from pretrain.data import Rejected, resolve_sources
+from pretrain.data import Rejected
+from pretrain.data.labelled import LabelledSet, read_labelled
 from pretrain.glip.data import GroundingSample
 from pretrain.glip.loss import boxes_of
 
@@ -63,28 +68,25 @@ def recall_counts(ranked: list[list[torch.Tensor]], boxes: torch.Tensor, valid: 
     return hits, total
 
 
-def read_eval_set(method, rank: int, world: int) -> list[tuple[tuple, tuple]]:
-    """This rank's share of the first eval.max_samples of `eval.shards`, in shard order: per scene the
-    mapped grounding row (image normalised) and its (image, [(phrase, box), ...]) for detection."""
-    import webdataset as wds
-
+def read_eval_set(method, rank: int, world: int, key: str = "eval.shards") -> tuple[list[tuple[tuple, tuple]], LabelledSet]:
+    """This rank's share of the first eval.max_samples scenes of `eval.shards`, in shard order, read by
+    the shared labelled-shard reader (`read_labelled(grounding=True)`): per scene the mapped grounding
+    row (image normalised) and its (image, [(phrase, box), ...]) for detection; and the set, whose
+    skips (the reader's, and the scenes this rank's sample map rejected) the caller checks."""
     sample_map = GroundingSample(method.glip, method.tokenizer())   # uint8 images, normalised here
     norm = sample_map.batch_normalize
-    urls = resolve_sources(method.cfg.eval.shards).urls
-    limit = method.cfg.eval.max_samples
+    data = read_labelled(method.cfg.eval.shards, method.cfg.eval.max_samples, rank, world, key=key, grounding=True)
     scenes = []
-    for i, raw in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
-        if limit is not None and i >= limit:
-            break
-        if i % world != rank:
-            continue
+    for s in data.owned():
+        raw = s.raw()
         try:
             row, (_, objects) = sample_map(raw, 0), sample_map.objects(raw)
-        except Rejected:
+        except Rejected as r:   # an undecodable image, a region without a box or span
+            data.skip_owned(s, r.reason, r.detail)
             continue
         image = norm(row[0][None])[0]
         scenes.append(((image, *row[1:]), (image, objects)))
-    return scenes
+    return scenes, data
 
 
 @torch.no_grad()
@@ -105,10 +107,17 @@ def grounding_recall(model, rows: list[tuple], batch_size: int, device, nms_iou:
 
 
 @torch.no_grad()
-def evaluate_glip(model, method, device) -> dict[str, float]:
-    """Grounding R@1 / R@5 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot mAP."""
-    scenes = read_eval_set(method, method.info.rank, method.info.world_size)
-    scores = grounding_recall(model, [g for g, _ in scenes], method.cfg.eval.batch_size, device, method.glip.nms_iou)
+def evaluate_glip(model, method, device, key: str = "eval.shards",
+                  fraction_key: str = "eval.max_skipped_fraction") -> dict[str, float]:
+    """Grounding R@1 / R@5 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot
+    mAP. More than eval.max_skipped_fraction of the scenes skipped or lost (summed over ranks) stops
+    it naming the worst shards and `fraction_key`, before any scoring; below it the skips are counted
+    (`grounding_skipped`). `key` / `fraction_key` name where the user set them (`baton evaluate`'s flags)."""
+    ecfg = method.cfg.eval
+    scenes, data = read_eval_set(method, method.info.rank, method.info.world_size, key)
+    skipped = data.check_skipped_over_ranks(ecfg.max_skipped_fraction, f"{key}={ecfg.shards!r}", fraction_key)
+    scores = grounding_recall(model, [g for g, _ in scenes], ecfg.batch_size, device, method.glip.nms_iou)
+    scores["grounding_skipped"] = float(sum(skipped.values()))
     if method.glip.detection_classes:
         from pretrain.glip.detection import zero_shot_map
 
