@@ -5,12 +5,17 @@ Embeds a split (by default the held-out test classes) with MODEL and writes DIR/
 MODEL is one of: a finetune run directory or its `model/`; a backbone handoff directory (its
 features, no head); `random --like HANDOFF_DIR` (same architecture, seeded random init); `pixels`
 (16x16 raw pixels). The last three are the baselines the demo report compares against.
+
+A GLIP pretrain run (or a GLIP export with --shards) is scored on grounding shards instead:
+phrase-grounding Recall@1/@5 and zero-shot detection mAP, in `pretrain/glip/evaluate_run.py`; each
+side refuses the other's flags by name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,8 @@ from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import DATASETS, load_dataset
 from finetune.evaluate import knn_excluding_self, l2_normalize, require_answerable, retrieval_metrics
 from finetune.model import embed_images, resolve_embedder
+from pretrain.glip.evaluate_run import (add_glip_arguments, given_flags, glip_checkpoint, positive_int,
+                                        refuse_glip_flags, run_glip)
 
 
 def retrieval_grid(images, labels: np.ndarray, names: list[str], emb: np.ndarray, out: Path,
@@ -80,21 +87,31 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="baton evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="finetune run dir | its model/ | handoff dir | random | pixels")
+    p = argparse.ArgumentParser(prog="baton evaluate", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("model", help="finetune run dir | its model/ | handoff dir | random | pixels | glip pretrain run")
     p.add_argument("--like", help="with MODEL=random: the handoff whose architecture to initialise")
     p.add_argument("--seed", type=int, default=0, help="random init seed and the folder split seed")
     p.add_argument("--data-source", default="shards", choices=DATASETS)
-    p.add_argument("--data-root", required=True)
+    p.add_argument("--data-root", help="the dataset's root (required, except for a GLIP run)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--max-skipped-fraction", type=_fraction, default=MAX_SKIPPED_FRACTION,
-                   help="shards: the share of bad or lost samples skipped (and counted) before failing")
+                   help="shards (and GLIP's): the share of bad or lost samples skipped (and counted) before failing")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per forward (default 128; GLIP: the run's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-grid", action="store_true", help="skip retrieval_grid.png")
     p.add_argument("--save-embeddings", action="store_true", help="also write embeddings.npy")
+    add_glip_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    given = given_flags(argv, p)
+    step_dir = glip_checkpoint(args.model, grounding="--shards" in given)
+    if step_dir is not None:
+        return run_glip(args, given, step_dir)
+    refuse_glip_flags(given, args.model)
+    if not args.data_root:
+        p.error("--data-root is required (for a model other than a GLIP run)")
+    args.batch_size = args.batch_size or 128
     log = setup_logging()
 
     require("faiss", "baton evaluate")  # before any work, not after embedding the split

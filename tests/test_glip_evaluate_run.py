@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from baton.cli import main as cli_main
 from baton.errors import BatonError
 from test_glip import tiny_glip
-from test_glip_engine import make_grounding_shards
+from test_glip_engine import make_grounding_shards, run_engine
 from test_labelled_shards import replace_member, shard_members
 
 BAD = "shard-000001.tar"
@@ -130,3 +131,106 @@ def test_two_ranks_split_the_scenes_and_sum_their_skips(shards, corrupt, monkeyp
     assert sum(s.owner_progress.rejected.total() for _, s in parts) == 2    # found by the decoding ranks only
     with pytest.raises(BatonError, match=BAD):
         parts[1][1].check_skipped_over_ranks(0.01, "eval.shards")
+
+
+# ------------------------------------------------------------------ baton evaluate GLIP_RUN
+
+@pytest.fixture(scope="module")
+def glip_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("glip") / "run"
+    assert run_engine(shards, run, "train.max_steps=3", "train.epochs=1", f"eval.shards={shards}") == 0
+    return run
+
+
+def reference_scores(run: Path, shards, **changes) -> dict:
+    """evaluate_glip on the run's model, its config changed as the flags say."""
+    from pretrain.glip.evaluation import evaluate_glip
+    from pretrain.glip.ground import load_run
+
+    method, model = load_run(run)
+    method.cfg.eval.shards, method.cfg.eval.max_samples = str(shards), None
+    for key, value in changes.items():
+        section, name = key.split(".")
+        setattr(getattr(method.cfg, section), name, value)
+    return evaluate_glip(model, method, torch.device("cpu"))
+
+
+def evaluate(*args: str) -> int:
+    return cli_main(["evaluate", *args])
+
+
+def test_evaluate_a_glip_run_writes_its_grounding_and_detection_scores(glip_run, shards, tmp_path, capsys):
+    pytest.importorskip("torchmetrics")
+    assert evaluate(str(glip_run), "--out", str(tmp_path / "own")) == 0     # the run's own eval.shards
+    got = json.loads((tmp_path / "own" / "metrics.json").read_text())
+    want = reference_scores(glip_run, shards)
+    assert {k: got[k] for k in want} == want
+    assert "zero_shot_map" in want and want["grounding_regions"] == reference_regions(shards)
+    assert got["step"] == 3 and got["checkpoint"].endswith("step_000003") and got["shards"] == str(shards)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["grounding_r1"] == round(want["grounding_r1"], 4)
+
+
+def test_every_glip_flag_takes_effect(glip_run, shards, corrupt, tmp_path, capsys, monkeypatch):
+    import pretrain.glip.evaluation as evaluation
+
+    seen, real = [], evaluation.grounding_recall
+
+    def spy(model, rows, batch_size, device, nms_iou):   # what the scoring was called with
+        seen.append((len(rows), batch_size, nms_iou))
+        return real(model, rows, batch_size, device, nms_iou)
+
+    monkeypatch.setattr(evaluation, "grounding_recall", spy)
+    out = tmp_path / "flags"
+    assert evaluate(str(glip_run), "--shards", str(shards), "--max-samples", "16", "--detection-classes", "0",
+                    "--nms-iou", "0.3", "--batch-size", "5", "--device", "cpu", "--out", str(out)) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    want = reference_scores(glip_run, shards, **{"eval.max_samples": 16, "glip.detection_classes": 0,
+                                                 "glip.nms_iou": 0.3})
+    assert {k: got[k] for k in want} == want and "zero_shot_map" not in got
+    assert seen[0] == (16, 5, 0.3) and seen[1][::2] == (16, 0.3)     # the CLI's call, then the reference's
+    assert got["grounding_regions"] == reference_regions(shards, first=16)
+    assert "glip.nms_iou=0.3" in got["overrides"] and "eval.batch_size=5" in got["overrides"]
+    bad_dir, _ = corrupt
+    assert evaluate(str(glip_run), "--shards", str(bad_dir), "--detection-classes", "0", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert BAD in err and "--max-skipped-fraction" in err and "--shards=" in err
+    assert evaluate(str(glip_run), "--shards", str(bad_dir), "--detection-classes", "0",
+                    "--max-skipped-fraction", "0.1", "--out", str(out)) == 0
+    assert json.loads((out / "metrics.json").read_text())["grounding_skipped"] == 3
+
+
+def test_retrieval_flags_are_refused_for_a_glip_run_and_glip_flags_for_other_models(glip_run, shards, tmp_path, capsys):
+    for flags, named in ((["--data-root", "data/emoji"], "--data-root"), (["--seed", "1"], "--seed"),
+                         (["--split", "train", "--no-grid"], "--no-grid, --split"),
+                         (["--save-embeddings"], "--save-embeddings")):
+        assert evaluate(str(glip_run), *flags, "--out", str(tmp_path / "x")) == 2
+        err = capsys.readouterr().err
+        assert f"error: {named}: not for a GLIP run" in err and "baton export" in err, err
+    assert not (tmp_path / "x").exists()
+    assert evaluate("pixels", "--shards", str(shards), "--data-root", "d", "--out", str(tmp_path / "y")) == 2
+    assert "--shards: only for a GLIP run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(str(glip_run), "--nms-iou", "0", "--out", str(tmp_path / "x"))
+    assert "--nms-iou: must be a float > 0.0 and <= 1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # no prefix matching: --shard is not --shards
+        evaluate(str(glip_run), "--shard", str(shards), "--out", str(tmp_path / "x"))
+
+
+def test_evaluate_a_glip_export_scores_the_checkpoint_it_came_from(glip_run, shards, tmp_path, capsys):
+    from pretrain.export import export
+
+    exported = export(glip_run, tmp_path / "export")
+    flags = ["--shards", str(shards), "--detection-classes", "0"]
+    assert evaluate(str(glip_run), *flags, "--out", str(tmp_path / "run")) == 0
+    assert evaluate(str(exported), *flags, "--out", str(tmp_path / "exp")) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run", "exp"))
+    assert a["grounding_r1"] == b["grounding_r1"] and a["grounding_r5"] == b["grounding_r5"]
+    assert b["model_spec"] == str(exported) and b["checkpoint"] == a["checkpoint"]
+    step_dir = Path(b["checkpoint"])
+    shutil.move(step_dir, tmp_path / "elsewhere")
+    try:
+        assert evaluate(str(exported), *flags, "--out", str(tmp_path / "gone")) == 2
+        err = capsys.readouterr().err
+        assert "holds the image backbone only" in err and str(step_dir) in err
+    finally:
+        shutil.move(tmp_path / "elsewhere", step_dir)
