@@ -90,6 +90,31 @@ def disable_deepspeed_op(name: str) -> None:
     ops[name] = False
 
 
+def destroy_process_group() -> None:
+    """Destroy torch's default process group and, when DeepSpeed set up its communication on it,
+    DeepSpeed's references to its groups as well.
+
+    Why: DeepSpeed clones the world group once (`deepspeed.utils.groups._WORLD_GROUP`, and its data /
+    expert / sequence-parallel groups) and reuses the clone for every later engine. Torch's
+    `destroy_process_group` alone leaves those clones behind, so the next DeepSpeed run in the same
+    process (a test, a notebook, a sweep) fails in `deepspeed.initialize` ("Group ... is not
+    registered"). DeepSpeed's own `deepspeed.comm.destroy_process_group` destroys the group and
+    releases the clones. Not private, but it is only correct once DeepSpeed's backend exists, which
+    is what `deepspeed.comm.is_initialized` says; DeepSpeed is not imported when nothing imported
+    it (a DDP / FSDP run pays nothing). When it breaks (the test in tests/test_compat.py): look for
+    how `deepspeed/comm/comm.py`'s destroy releases `deepspeed/utils/groups.py`'s cached groups.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # --- pytorch-metric-learning ---------------------------------------------------------------------
 
 @contextmanager

@@ -120,8 +120,11 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """End the process group (and DeepSpeed's groups cloned from it: `baton.compat`), so that a later
+    run in the same process starts clean."""
+    from baton.compat import destroy_process_group
+
+    destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,37 @@ def test_deepspeed_op_switch_exists():
         compat.disable_deepspeed_op("no_such_op")
 
 
+@pytest.mark.slow   # importing deepspeed takes seconds
+def test_destroying_the_process_group_releases_deepspeeds_cached_groups(monkeypatch):
+    """Two DeepSpeed world-of-one set-ups in one process: between them, `destroy_process_group`
+    drops DeepSpeed's clone of the world group (else the second `initialize` fails on a group torch
+    no longer knows), and a later plain torch group is destroyed as before."""
+    pytest.importorskip("deepspeed")
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    import deepspeed
+
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):   # what the strategy sets for one plain process
+        monkeypatch.setenv(key, "1" if key == "WORLD_SIZE" else "0")
+    for _ in range(2):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        compat.disable_deepspeed_op("deepspeed_shm_comm")
+        deepspeed.init_distributed(dist_backend="gloo")
+        model = torch.nn.Linear(2, 2)
+        deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             config={"train_batch_size": 1, "zero_optimization": {"stage": 2},
+                                     "zero_allow_untested_optimizer": True},
+                             dist_init_required=False)
+        assert groups._WORLD_GROUP is not None          # DeepSpeed cloned the world group
+        compat.destroy_process_group()
+        assert not dist.is_initialized() and groups._WORLD_GROUP is None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    compat.destroy_process_group()
+    assert not dist.is_initialized()
+
+
 def test_pml_sampler_order_follows_the_seed_and_the_global_is_restored():
     from pytorch_metric_learning.samplers import MPerClassSampler
     from pytorch_metric_learning.utils import common_functions as c_f
