@@ -68,7 +68,8 @@ def recall_counts(ranked: list[list[torch.Tensor]], boxes: torch.Tensor, valid: 
     return hits, total
 
 
-def read_eval_set(method, rank: int, world: int, key: str = "eval.shards") -> tuple[list[tuple[tuple, tuple]], LabelledSet]:
+def read_eval_set(method, rank: int, world: int,
+                  key: str = "eval.shards") -> tuple[list[tuple[tuple, tuple]], LabelledSet]:
     """This rank's share of the first eval.max_samples scenes of `eval.shards`, in shard order, read by
     the shared labelled-shard reader (`read_labelled(grounding=True)`): per scene the mapped grounding
     row (image normalised) and its (image, [(phrase, box), ...]) for detection; and the set, whose
