@@ -98,6 +98,9 @@ class TrainConfig:
     # that has it, else fp32; bf16 on a CPU pays where it has bf16 matrix units, e.g. AMX); the
     # loss, parameters, gradients and optimiser state stay fp32; fp16 (CUDA) scales the loss
     precision: str = "auto"
+    # 4-D weights and image batches in channels-last (NHWC) order: a convnet's step is faster on CPU
+    # (oneDNN) and GPU (cuDNN); values, checkpoints and the saved model are the same
+    channels_last: bool = False
     # Steps whose loss is not finite that may be skipped in the whole run (as in pretraining,
     # baton/nonfinite.py): 0 stops at the first; N skips up to N and stops at one more.
     max_nonfinite_steps: int = bounded(0, ge=0)

@@ -30,7 +30,8 @@ from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import CheckpointCadence, RunLifecycle, autocast_context, choose_device, resolve_precision
+from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, resolve_precision,
+                       to_channels_last)
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -120,6 +121,8 @@ def run(cfg: FinetuneConfig) -> dict:
         backbone_meta = backbone_meta.replace(preprocess={**backbone_meta.preprocess, "resize": cfg.data.test_resize})
     model = EmbeddingModel(backbone, backbone_meta.embedding_dim, cfg.model.embedding_dim or None,
                            freeze_batchnorm=cfg.model.freeze_batchnorm).to(device)
+    layout = to_channels_last if cfg.train.channels_last else (lambda t: t)   # train.channels_last
+    model = layout(model)
     criterion = build_loss(cfg.loss.name, n_classes, model.embedding_dim, cfg.loss.kwargs,
                            cfg.miner.name, cfg.miner.kwargs).to(device)
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
@@ -181,7 +184,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     g["lr"] = g["base_lr"] * factor
                 nonfinite.snapshot(model, criterion)   # their buffers, should this step be skipped
                 with autocast_context(precision, device):
-                    emb = model(x.to(device))
+                    emb = model(layout(x.to(device)))
                 emb = emb.float()   # the loss in fp32: SoftTriple's scaled similarities need the range
                 loss = criterion(emb, y.to(device))
                 if guide is not None:

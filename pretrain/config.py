@@ -91,6 +91,9 @@ class TrainConfig:
     grad_accum: int = bounded(1, ge=1)
     grad_checkpointing: bool = False    # recompute activations in backward (the model's set_grad_checkpointing)
     compile: bool = False               # torch.compile the model (nn.Module.compile, state-dict names unchanged)
+    # 4-D weights and image batches in channels-last (NHWC) order: convnets run faster a step on CPU
+    # (oneDNN) and GPU (cuDNN); the values, checkpoints and exports are the same (baton.run.to_channels_last)
+    channels_last: bool = False
     eval_every: int = bounded(0, ge=0)                 # steps between method.evaluate calls, and at the end (0: never)
     checkpoint_every: int = bounded(500, ge=1)         # steps; a checkpoint is also written at the end
     keep_last: int = bounded(3, ge=0)                  # checkpoints kept (0 keeps all)

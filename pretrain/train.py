@@ -35,7 +35,7 @@ from baton.nonfinite import NonFiniteSteps, nonfinite_ranks
 from baton.nonfinite import describe as describe_nonfinite
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state
+from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state, to_channels_last
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, run_steps_per_epoch
@@ -91,6 +91,10 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     if accum < 1:
         raise BatonError(f"train.grad_accum must be >= 1, not {accum}")
     strategy_cls.check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+    if cfg.train.channels_last and not strategy_cls.channels_last_ok:
+        raise BatonError(f"train.channels_last is not supported by train.strategy={cfg.train.strategy} (it "
+                         f"shards or byte-views contiguous parameters only): use train.strategy=ddp or "
+                         f"train.channels_last=false")
     shards = resolve_sources(cfg.data.train_shards)  # fails fast, naming a missing shard
     info = init_distributed(cfg.train.device)
     check_decode_on_device(cfg, method_cls, info.device)
@@ -113,6 +117,8 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
         if not hasattr(model, "set_grad_checkpointing"):
             raise BatonError(f"train.grad_checkpointing: the {cfg.method} model has no set_grad_checkpointing")
         model.set_grad_checkpointing(True)
+    if cfg.train.channels_last:
+        model = to_channels_last(model)
     n_params = sum(p.numel() for p in model.parameters())
     strategy = strategy_cls(cfg, info, method)
     with peer_failures("the model's setup (broadcast or resume)"):

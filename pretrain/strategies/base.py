@@ -23,7 +23,7 @@ from torch import nn
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
-from baton.run import resolve_precision  # noqa: F401  (re-exported: the strategies import it from here)
+from baton.run import resolve_precision, to_channels_last  # noqa: F401  (resolve_precision re-exported: the strategies import it from here)
 
 ParamGroups = Callable[[nn.Module], list[dict]]
 DCP_DIR = "dcp"   # FSDP2's torch.distributed.checkpoint files inside a step directory
@@ -38,6 +38,9 @@ def ensure_process_group(info: DistInfo) -> None:
 
 class Strategy:
     name = "base"
+    # whether train.channels_last can be used: FSDP2 and DeepSpeed flatten or byte-view each
+    # parameter and refuse NHWC strides
+    channels_last_ok = False
 
     def __init__(self, cfg, info: DistInfo, method):
         self.cfg, self.info, self.method = cfg, info, method
@@ -65,7 +68,8 @@ class Strategy:
         """The loader's tensors on the device, through `on_device` (the method's: uint8 images
         normalised), then in the dtype the wrapped module takes."""
         batch = tuple(t.to(self.info.device, non_blocking=True) for t in batch)
-        return on_device(batch) if on_device is not None else batch
+        batch = on_device(batch) if on_device is not None else batch
+        return tuple(map(to_channels_last, batch)) if self.cfg.train.channels_last else batch
 
     def accumulating(self, last: bool) -> ContextManager:
         """Context of one micro-batch's forward+backward; `last` is the one before the optimiser step."""

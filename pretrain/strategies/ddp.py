@@ -22,6 +22,7 @@ from pretrain.strategies.base import ParamGroups, Strategy, full_state
 
 class DDPStrategy(Strategy):
     name = "ddp"
+    channels_last_ok = True
 
     def setup(self, model: nn.Module, param_groups: ParamGroups):
         self.model = model.to(self.info.device)
