@@ -5,9 +5,11 @@
     baton recipes copy all [DEST]       copy every recipe and template into DEST (default: .)
 
 A `pip install`ed baton has no repository beside it, so the recipes travel as package data: the
-repository's `configs/` is the one copy (the package's `baton/configs` is a link to it, which the
-wheel resolves into files) and the templates are `slurm/templates/` of the `slurm` package. A copy
-never overwrites a file unless `--force` is given: a copied recipe is the user's to edit.
+repository's top-level `configs/` is the one copy, which pyproject.toml's package-dir maps onto
+`baton/configs/` of the wheel; the templates are `slurm/templates/` of the `slurm` package. So the
+recipes are looked for beside the imported `baton` package first (a wheel), then in the checkout
+`baton` was imported from (a source tree or an editable install). A copy never overwrites a file
+unless `--force` is given: a copied recipe is the user's to edit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from baton.errors import BatonError
 # kind -> (package, folder in it, file suffix)
 KINDS = {"recipe": ("baton", "configs", ".yaml"), "template": ("slurm", "templates", ".sbatch")}
 ALL = "all"
+# kind -> its folder at the top of a source checkout, where it is not inside its package
+CHECKOUT_FOLDERS = {"recipe": "configs"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,20 @@ class Packaged:
 
 
 def folder(kind: str) -> Path:
-    """The installed directory of one kind of packaged file."""
+    """The directory that holds one kind of packaged file: inside the imported package (a wheel),
+    else, for the recipes, the `configs/` of the checkout that package comes from."""
     package, sub, _ = KINDS[kind]
-    return Path(str(resources.files(package).joinpath(sub)))
+    root = Path(str(resources.files(package)))
+    if (root / sub).is_dir():
+        return root / sub
+    # A checkout: the package is <repo>/<package>/ and the recipes are <repo>/configs/, which only
+    # the wheel build maps into the package. pyproject.toml beside it says this is baton's repository.
+    checkout = root.parent / CHECKOUT_FOLDERS.get(kind, sub)
+    if kind in CHECKOUT_FOLDERS and checkout.is_dir() and (root.parent / "pyproject.toml").is_file():
+        return checkout
+    raise BatonError(f"the packaged {kind}s are missing: neither {root / sub} (an installed wheel) nor "
+                     f"{checkout} (a source checkout) exists; reinstall baton (pip install baton, or "
+                     f"pip install -e . in the repository)")
 
 
 def packaged_files() -> list[Packaged]:

@@ -1,5 +1,7 @@
-"""What `pip install` gives: the recipes and sbatch templates ship in the wheel (`baton recipes`
-lists and copies them), faiss is an extra (faiss-cpu or faiss-gpu, never both), and s3fs too."""
+"""What `pip install` gives: the recipes (the repository's configs/, mapped onto baton/configs by
+pyproject.toml) and sbatch templates ship in the wheel (`baton recipes` lists and copies them, from
+a checkout as from the installed wheel), faiss is an extra (faiss-cpu or faiss-gpu, never both),
+and s3fs too."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from baton.errors import BatonError
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ("pyproject.toml", "README.md", "configs", "baton", "data_prep", "pretrain", "finetune", "slurm")
+PACKAGES = ("baton", "data_prep", "pretrain", "finetune", "slurm")
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 TEMPLATES = sorted(p.name for p in (ROOT / "slurm" / "templates").glob("*.sbatch"))
 
@@ -32,7 +35,7 @@ def wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in SOURCE:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, symlinks=True,
+            shutil.copytree(ROOT / name, src / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(ROOT / name, src / name)
@@ -55,6 +58,42 @@ def test_the_wheel_holds_every_recipe_and_template_and_no_hard_faiss(wheel):
     assert not [r for r in hard if r.startswith(("faiss", "s3fs"))], hard
     for extra, package in (("faiss-cpu", "faiss-cpu"), ("faiss-gpu", "faiss-gpu"), ("s3", "s3fs")):
         assert any(r.startswith(package) and f'extra == "{extra}"' in r for r in requires), (extra, requires)
+
+
+@pytest.mark.slow   # builds the wheel
+def test_the_wheel_holds_every_module_of_the_source(wheel):
+    """pyproject.toml lists the packages by hand (the configs/ mapping needs it): a package left out
+    of that list would be missing from the wheel, and this names it."""
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    source = {p.relative_to(ROOT).as_posix() for name in PACKAGES for p in (ROOT / name).rglob("*.py")
+              if "__pycache__" not in p.parts}
+    assert sorted(source - names) == [] and sorted(names - source) == []
+
+
+def test_a_checkout_finds_the_recipes_in_its_configs_folder():
+    """No link baton/configs in the repository: from a checkout the recipes are its top-level
+    configs/ (the one copy, which the tests and README name)."""
+    from baton import recipes
+
+    assert not (ROOT / "baton" / "configs").exists()
+    assert recipes.folder("recipe") == ROOT / "configs"
+    assert recipes.folder("template") == ROOT / "slurm" / "templates"
+    assert sorted(f.name for f in recipes.packaged_files() if f.kind == "recipe") == RECIPES
+
+
+def test_a_package_with_neither_wheel_nor_checkout_recipes_says_so(tmp_path, monkeypatch):
+    from baton import recipes
+
+    (tmp_path / "baton").mkdir()   # a bare baton package: no configs/ in it, no repository beside it
+    monkeypatch.setattr(recipes.resources, "files", lambda package: tmp_path / package)
+    with pytest.raises(BatonError, match=r"the packaged recipes are missing: neither .*baton/configs "
+                                         r"\(an installed wheel\) nor .*configs \(a source checkout\)"):
+        recipes.folder("recipe")
+    (tmp_path / "configs").mkdir()   # a configs/ folder alone is not a checkout: no pyproject.toml
+    with pytest.raises(BatonError, match="the packaged recipes are missing"):
+        recipes.folder("recipe")
+    (tmp_path / "pyproject.toml").write_text("")
+    assert recipes.folder("recipe") == tmp_path / "configs"
 
 
 def test_no_extra_installs_both_faiss_packages():
@@ -81,15 +120,51 @@ for argv in (["recipes"], ["recipes", "copy", "demo_softtriple_elg", "mine"],
 """
 
 
-@pytest.mark.slow   # the wheel, and a fresh interpreter that imports the finetune stage
-def test_installed_from_the_wheel_baton_recipes_copies_a_recipe_that_loads(wheel, tmp_path):
-    """Unpacked as pip installs it, away from the repository: `baton recipes` lists the packaged
-    files, `copy` brings a recipe with its `base:` chain, and the copy resolves (--print-config)."""
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel installed by pip (`pip install --no-deps --target SITE`: the dependencies are this
+    interpreter's), console script included (SITE/bin/baton)."""
+    site = tmp_path_factory.mktemp("installed") / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--disable-pip-version-check", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    return site
+
+
+def _outside(site: Path) -> dict:
+    """The environment of a process that must import the installed baton, not the repository's."""
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+@pytest.mark.slow   # the wheel, pip install, the console script in a fresh process
+def test_the_installed_console_script_lists_and_copies_a_recipe_byte_for_byte(installed, tmp_path):
+    """Away from the repository, `baton recipes` of the pip-installed wheel lists every recipe from
+    the installed baton/configs, and `baton recipes copy NAME DEST` writes the repository's file."""
+    script = installed / "bin" / "baton"
+    assert script.is_file()
     work = tmp_path / "work"
     work.mkdir()
-    done = subprocess.run([sys.executable, "-c", INSTALLED_STEPS], cwd=work, env={**os.environ, "PYTHONPATH": str(site)},
+    listed = subprocess.run([str(script), "recipes"], cwd=work, env=_outside(installed),
+                            capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert f"recipes ({installed / 'baton' / 'configs'}):" in listed.stdout
+    listed_names = [line.split()[0] for line in listed.stdout.split("templates (")[0].splitlines()[1:] if line.strip()]
+    assert listed_names == RECIPES
+    copied = subprocess.run([str(script), "recipes", "copy", "demo_clip", "mine"], cwd=work,
+                            env=_outside(installed), capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr[-3000:]
+    assert copied.stdout.split() == [str(Path("mine") / "demo_clip.yaml")]
+    assert (work / "mine" / "demo_clip.yaml").read_bytes() == (ROOT / "configs" / "demo_clip.yaml").read_bytes()
+
+
+@pytest.mark.slow   # the wheel, and a fresh interpreter that imports the finetune stage
+def test_installed_from_the_wheel_baton_recipes_copies_a_recipe_that_loads(installed, tmp_path):
+    """Installed by pip, away from the repository: `baton recipes` lists the packaged files, `copy`
+    brings a recipe with its `base:` chain, and the copy resolves (--print-config)."""
+    site = installed
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-c", INSTALLED_STEPS], cwd=work, env=_outside(site),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     where, listing, copied, resolved, _ = done.stdout.split("@@@")
