@@ -13,6 +13,11 @@ either of these gives the exported network, with no baton code beyond registerin
     timm.create_model(NAME, pretrained=True, num_classes=0, **model_args,
                       pretrained_cfg_overlay=dict(file="OUT/backbone.safetensors"))
     timm.create_model("local-dir:OUT", pretrained=True)
+
+Starting weights of a method's timm backbone (`dino.pretrained`, `glip.pretrained`): null (random
+init) | `timm` (timm's released weights of the backbone) | a weights file timm loads; or timm's own
+`pretrained` / `pretrained_cfg_overlay` in the section's backbone_kwargs. One rule for every method,
+so a key accepted by one section means the same in the others, and none is silently dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from baton.io import write_json_atomic
 from pretrain.weight_cache import fill_hint, hf_repo_cache
 
 TIMM_CONFIG = "config.json"  # the name timm's `local-dir:` and `hf-hub:` loaders read
+# timm.create_model kwargs that choose starting weights: SECTION.pretrained's, never the handoff's model_config
+WEIGHT_KWARGS = ("pretrained", "pretrained_cfg_overlay")
 
 
 def timm_cache_place(name: str) -> tuple[str, str | None] | None:
@@ -111,3 +118,63 @@ def export_timm_backbone(out: str | Path, backbone: nn.Module, weights: dict[str
     write_handoff(out, backbone.state_dict(), meta)
     write_timm_config(out, meta.model_config, meta.preprocess)
     return Path(out)
+
+
+def architecture_kwargs(section: str, backbone: str, backbone_kwargs: Any) -> dict[str, Any]:
+    """The `timm.create_model` kwargs of SECTION's backbone architecture (also the handoff's
+    model_config): SECTION.backbone_kwargs without the weight-choosing keys."""
+    if not isinstance(backbone_kwargs or {}, dict):
+        raise BatonError(f"{section}.backbone_kwargs must be a mapping of timm.create_model kwargs, "
+                         f"not {backbone_kwargs!r}")
+    nulls = [k for k, v in (backbone_kwargs or {}).items() if v is None]
+    if nulls:  # timm.create_model drops None-valued kwargs: the key would silently do nothing
+        raise BatonError(f"{section}.backbone_kwargs.{nulls[0]} is null, and timm ignores null kwargs; give it a "
+                         f"value (in YAML flow style a space after the colon: {{grid: 1}}, not {{grid:1}})")
+    kwargs = {k: v for k, v in dict(backbone_kwargs or {}).items() if k not in WEIGHT_KWARGS}
+    return {"model_name": backbone, "num_classes": 0, **kwargs}
+
+
+def start_weights(section: str, pretrained: str | None, backbone_kwargs: Any) -> dict[str, Any]:
+    """`pretrained=` / `pretrained_cfg_overlay=` for timm from SECTION.pretrained; the same keys given
+    in SECTION.backbone_kwargs take effect as timm reads them (an overlay file implies pretrained=True)."""
+    given = {k: v for k, v in dict(backbone_kwargs or {}).items() if k in WEIGHT_KWARGS}
+    if pretrained and given:
+        raise BatonError(f"{section}.pretrained={pretrained!r} and {section}.backbone_kwargs {sorted(given)} both "
+                         f"choose the starting weights: keep one")
+    if given:
+        return {"pretrained": bool(given.get("pretrained", True)), **given}
+    if not pretrained:
+        return {"pretrained": False}
+    if pretrained == "timm":
+        return {"pretrained": True}
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise BatonError(f"{section}.pretrained={pretrained!r}: no such weights file; give a .safetensors / .pth "
+                         f"timm loads (e.g. a baton export's backbone.safetensors), `timm` for timm's released "
+                         f"weights of {section}.backbone, or null for a random init")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path.resolve())}}
+
+
+def create_backbone(section: str, backbone: str, backbone_kwargs: Any, pretrained: str | None,
+                    weights: bool = True, **extra: Any) -> nn.Module:
+    """SECTION's timm backbone (num_classes=0) with its starting weights, or a random init when not
+    `weights` (a module that a checkpoint or an export fills next: no download, no weights file
+    needed). timm's failures become one error naming the section's keys and, for released weights,
+    the cache to fill."""
+    import timm
+
+    from pretrain.models import register_timm_models
+
+    register_timm_models()
+    kwargs = {**architecture_kwargs(section, backbone, backbone_kwargs), **extra}
+    chosen = start_weights(section, pretrained, backbone_kwargs) if weights else {"pretrained": False}
+    try:
+        return timm.create_model(**kwargs, **chosen)
+    except Exception as e:  # unknown name (RuntimeError), kwargs the model does not take (TypeError), no weights
+        where = ""
+        if chosen["pretrained"] and "pretrained_cfg_overlay" not in chosen:
+            place = timm_cache_place(backbone)
+            where = f"; {fill_hint(*place)}" if place else f"; timm has no released weights for {backbone}"
+        raise BatonError(f"{section}.backbone={backbone!r} with {section}.backbone_kwargs={backbone_kwargs}"
+                         f"{f' and {section}.pretrained={pretrained!r}' if pretrained else ''}: "
+                         f"timm cannot build it: {type(e).__name__}: {str(e)[:400]}{where}") from None

@@ -206,14 +206,19 @@ def test_hf_text_encoder_gives_token_features(tokenizer):
     assert out["logits"].shape == (1, 16, 16)
 
 
-def test_backbone_weight_kwargs_are_refused_not_dropped():
-    """GLIP's backbone starts from a random init: timm's weight-choosing kwargs would be ignored, so
-    they are an error; any other timm kwarg reaches the backbone's model_config."""
+def test_backbone_kwargs_are_the_architecture_and_weight_keys_stay_out_of_it():
+    """timm's weight-choosing kwargs choose GLIP's starting weights (tests/test_timm_interop.py), so
+    they are not part of the architecture (the handoff's model_config); any other timm kwarg is, and a
+    null one (which timm would drop) is refused naming it."""
     from baton.errors import BatonError
     from pretrain.glip.model import backbone_kwargs
 
     for weights in ({"pretrained": True}, {"pretrained_cfg_overlay": {"file": "w.safetensors"}}):
-        with pytest.raises(BatonError, match="glip.backbone_kwargs .*no pretrained weights option"):
-            backbone_kwargs(GlipConfig(backbone_kwargs=weights))
+        assert backbone_kwargs(GlipConfig(backbone_kwargs={**weights, "output_stride": 16})) == \
+            {"model_name": "small_convnet", "num_classes": 0, "output_stride": 16}
     assert backbone_kwargs(GlipConfig(backbone="resnet18", backbone_kwargs={"output_stride": 16})) == \
         {"model_name": "resnet18", "num_classes": 0, "output_stride": 16}
+    with pytest.raises(BatonError, match="glip.backbone_kwargs.output_stride is null"):
+        backbone_kwargs(GlipConfig(backbone_kwargs={"output_stride": None}))
+    with pytest.raises(BatonError, match="glip.backbone_kwargs must be a mapping"):
+        backbone_kwargs(GlipConfig(backbone_kwargs=[1]))

@@ -1,9 +1,11 @@
 """timm both ways: a DINO export is a timm checkpoint timm loads itself (a weights file override or
-`local-dir:`), baton's own timm models included; released timm weights offline name the cache."""
+`local-dir:`), baton's own timm models included; DINO and GLIP backbones start from timm weights
+(SECTION.pretrained); released timm weights offline name the cache."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +108,76 @@ def test_dino_starts_from_pretrained_timm_weights(tmp_path, monkeypatch):
     with pytest.raises(BatonError) as e:
         tiny_method(backbone="resnet10t", backbone_kwargs={}, pretrained="timm").build_model()
     assert "dino.pretrained='timm'" in str(e.value) and timm_cache_place("resnet10t")[0] in str(e.value)
+
+
+def test_glip_starts_its_image_backbone_from_timm_weights(tmp_path, monkeypatch):
+    """glip.pretrained=FILE (from the command line, or as backbone_kwargs.pretrained_cfg_overlay): the
+    backbone starts from those weights; the export's model_config stays the architecture and needs
+    the file no more (nor does `baton ground`'s rebuild); beside glip.init_from's image tower it is
+    refused; a missing file and glip.pretrained=timm offline say what to do."""
+    from huggingface_hub import constants
+
+    from baton.config import load_config
+    from baton.distributed import DistInfo
+    from pretrain.config import PretrainConfig
+    from pretrain.glip.method import GlipMethod
+    from pretrain.glip.model import build_backbone
+    from pretrain.timm_weights import export_timm_backbone, timm_cache_place
+    from test_glip import tiny_glip
+
+    torch.manual_seed(5)
+    source = build_backbone(tiny_glip())
+    with torch.no_grad():   # BatchNorm statistics unlike a fresh init's 0 / 1
+        for buf in source.buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+    handoff = export_timm_backbone(tmp_path / "timm", source, source.state_dict(), "small_convnet",
+                                   architecture="small_convnet",
+                                   model_config={"model_name": "small_convnet", "num_classes": 0},
+                                   preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                               "interpolation": "bilinear"}, source={"method": "dino"})
+    weights = tmp_path / "start.safetensors"
+    weights.write_bytes((handoff / "backbone.safetensors").read_bytes())
+    want = source.state_dict()
+
+    def method(*overrides: str) -> GlipMethod:
+        cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "glip_demo.yaml",
+                          ["glip.image_size=64", "glip.dim=32", "glip.text_width=32", "glip.text_layers=1",
+                           "glip.fusion_layers=1", *overrides])
+        return GlipMethod(cfg, DistInfo())
+
+    torch.manual_seed(0)
+    random = method().build_model().backbone.state_dict()
+    assert not torch.equal(random["stages.0.bn.running_var"], want["stages.0.bn.running_var"])
+    for over in ([f"glip.pretrained={weights}"], [f"glip.backbone_kwargs.pretrained_cfg_overlay.file={weights}"]):
+        started = method(*over)
+        got = started.build_model().backbone.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), over
+    started = method(f"glip.pretrained={weights}")
+    state = {k: v.clone() for k, v in started.build_model().state_dict().items()}
+    weights.unlink()   # the export and a rebuild from the checkpoint do not read it again
+    started.source = {"checkpoint": "none", "step": 0}
+    out = started.export(state, tmp_path / "export")
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["model_config"] == {"model_name": "small_convnet", "num_classes": 0}
+    assert json.loads((out / "config.json").read_text())["model_args"] == {}
+    started.from_checkpoint = True
+    assert set(started.build_model().state_dict()) == set(state)
+    with pytest.raises(BatonError, match=r"glip.pretrained='.*start.safetensors': no such weights file"):
+        method(f"glip.pretrained={weights}").build_model()
+
+    with pytest.raises(BatonError, match=r"glip.pretrained='timm' and glip.init_from=.* both choose the image "
+                                         r"backbone's starting weights: keep one, or set glip.init_towers=\[text\]"):
+        method("glip.pretrained=timm", f"glip.init_from={handoff}", "glip.init_towers=[image]").build_model()
+    with pytest.raises(BatonError, match=r"glip.backbone_kwargs \['pretrained'\] and glip.init_from"):
+        method("glip.backbone_kwargs.pretrained=true", f"glip.init_from={handoff}").build_model()
+    with pytest.raises(BatonError, match="glip.pretrained='x' and glip.backbone_kwargs .* both choose"):
+        method("glip.pretrained=x", "glip.backbone_kwargs.pretrained=true").build_model()
+    with pytest.raises(BatonError, match="timm has no released weights for small_convnet"):
+        method("glip.pretrained=timm").build_model()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BatonError) as e:
+        build_backbone(tiny_glip(backbone="resnet10t", pretrained="timm"))
+    assert "glip.pretrained='timm'" in str(e.value) and timm_cache_place("resnet10t")[0] in str(e.value)

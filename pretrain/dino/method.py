@@ -176,7 +176,7 @@ class DinoMethod(PretrainMethod):
             raise BatonError(f"the checkpoint holds no '{TEACHER_BACKBONE}*' weights: it is not a DINO run "
                              f"(keys look like {sorted(state)[:3]})")
         return export_timm_backbone(
-            out, build_backbone(self.dino), weights, f"dino.backbone={self.dino.backbone} {self.dino.backbone_kwargs}",
+            out, build_backbone(self.dino, weights=False), weights, f"dino.backbone={self.dino.backbone} {self.dino.backbone_kwargs}",
             architecture=self.dino.backbone, model_config=timm_kwargs(self.dino), preprocess=self.preprocess(),
             source={**self.source, "method": self.name, "weights": "teacher"})
 

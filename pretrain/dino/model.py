@@ -8,7 +8,6 @@ student's head outputs for all crops and the teacher's for the two global crops 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +16,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from baton.errors import BatonError
 from pretrain.dino.config import DinoConfig
-from pretrain.weight_cache import fill_hint
+from pretrain.timm_weights import architecture_kwargs, create_backbone
 
 
 class DinoHead(nn.Module):
@@ -76,66 +75,16 @@ class MultiCropNet(nn.Module):
         return (self.head(feats), feats) if return_features else self.head(feats)
 
 
-# timm.create_model kwargs that choose starting weights: dino.pretrained's, never the handoff's model_config
-WEIGHT_KWARGS = ("pretrained", "pretrained_cfg_overlay")
-
-
 def timm_kwargs(cfg: DinoConfig) -> dict[str, Any]:
     """The `timm.create_model` kwargs of the architecture (also the handoff's model_config)."""
-    if not isinstance(cfg.backbone_kwargs or {}, dict):
-        raise BatonError(f"dino.backbone_kwargs must be a mapping of timm.create_model kwargs, "
-                         f"not {cfg.backbone_kwargs!r}")
-    nulls = [k for k, v in (cfg.backbone_kwargs or {}).items() if v is None]
-    if nulls:  # timm.create_model drops None-valued kwargs: the key would silently do nothing
-        raise BatonError(f"dino.backbone_kwargs.{nulls[0]} is null, and timm ignores null kwargs; give it a "
-                         f"value (in YAML flow style a space after the colon: {{grid: 1}}, not {{grid:1}})")
-    kwargs = {k: v for k, v in dict(cfg.backbone_kwargs or {}).items() if k not in WEIGHT_KWARGS}
-    return {"model_name": cfg.backbone, "num_classes": 0, **kwargs}
+    return architecture_kwargs("dino", cfg.backbone, cfg.backbone_kwargs)
 
 
-def weight_kwargs(cfg: DinoConfig) -> dict[str, Any]:
-    """`pretrained=` / `pretrained_cfg_overlay=` for timm from dino.pretrained; the same keys given in
-    dino.backbone_kwargs take effect as timm reads them (an overlay file implies pretrained=True)."""
-    given = {k: v for k, v in dict(cfg.backbone_kwargs or {}).items() if k in WEIGHT_KWARGS}
-    if cfg.pretrained and given:
-        raise BatonError(f"dino.pretrained={cfg.pretrained!r} and dino.backbone_kwargs {sorted(given)} both choose "
-                         f"the starting weights: keep one")
-    if given:
-        return {"pretrained": bool(given.get("pretrained", True)), **given}
-    if not cfg.pretrained:
-        return {"pretrained": False}
-    if cfg.pretrained == "timm":
-        return {"pretrained": True}
-    path = Path(cfg.pretrained).expanduser()
-    if not path.is_file():
-        raise BatonError(f"dino.pretrained={cfg.pretrained!r}: no such weights file; give a .safetensors / .pth "
-                         f"timm loads (e.g. a baton export's backbone.safetensors), `timm` for timm's released "
-                         f"weights of dino.backbone, or null for a random init")
-    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path.resolve())}}
-
-
-def build_backbone(cfg: DinoConfig, drop_path_rate: float = 0.0) -> nn.Module:
-    import timm
-
-    from pretrain.models import register_timm_models
-
-    register_timm_models()
-    kwargs = timm_kwargs(cfg)
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = drop_path_rate
-    weights = weight_kwargs(cfg)
-    try:
-        model = timm.create_model(**kwargs, **weights)
-    except Exception as e:  # unknown name (RuntimeError), kwargs the model does not take (TypeError), no weights
-        where = ""
-        if weights["pretrained"] and "pretrained_cfg_overlay" not in weights:
-            from pretrain.timm_weights import timm_cache_place
-
-            place = timm_cache_place(cfg.backbone)
-            where = f"; {fill_hint(*place)}" if place else f"; timm has no released weights for {cfg.backbone}"
-        raise BatonError(f"dino.backbone={cfg.backbone!r} with dino.backbone_kwargs={cfg.backbone_kwargs}"
-                         f"{f' and dino.pretrained={cfg.pretrained!r}' if cfg.pretrained else ''}: "
-                         f"timm cannot build it: {type(e).__name__}: {str(e)[:400]}{where}") from None
+def build_backbone(cfg: DinoConfig, drop_path_rate: float = 0.0, weights: bool = True) -> nn.Module:
+    """DINO's timm backbone with dino.pretrained's starting weights (random when not `weights`: the
+    module an export loads a checkpoint into)."""
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    model = create_backbone("dino", cfg.backbone, cfg.backbone_kwargs, cfg.pretrained, weights=weights, **extra)
     if cfg.local_crop_size != cfg.global_crop_size and getattr(model, "dynamic_img_size", None) is False:
         raise BatonError(f"dino.backbone {cfg.backbone} has a fixed input size but the local crops "
                          f"({cfg.local_crop_size} px) differ from the global ones ({cfg.global_crop_size} px): "

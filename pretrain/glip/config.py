@@ -33,6 +33,11 @@ class GlipConfig:
     # CLIP's transformers text tower into glip.text_encoder=hf of the same glip.text_model
     init_from: Optional[str] = None
     init_towers: List[str] = field(default_factory=lambda: ["image", "text"])
+    # The image backbone's starting weights, as dino.pretrained: null (random init) | timm (timm's
+    # released weights of glip.backbone, e.g. resnet50.a1_in1k; offline: the cache to fill) | a weights
+    # file timm loads (.safetensors / .pth, e.g. a DINO export's backbone.safetensors); timm's own
+    # backbone_kwargs.pretrained / pretrained_cfg_overlay do the same. Not with glip.init_from's image tower.
+    pretrained: Optional[str] = None
     image_size: int = bounded(128, ge=16)   # scenes are resized to image_size x image_size (boxes with them)
     mean: List[float] = field(default_factory=lambda: list(MEAN))
     std: List[float] = field(default_factory=lambda: list(STD))

@@ -46,7 +46,7 @@ def load_run(run: str | Path):
     if cfg.method != "glip":
         raise BatonError(f"{meta['path']} is a method={cfg.method} run; `baton ground` needs a glip one")
     method = build_method(cfg, DistInfo())
-    method.glip.init_from = None   # the checkpoint holds every weight: the handoff need not be there any more
+    method.from_checkpoint = True   # the checkpoint holds every weight: glip.init_from / glip.pretrained need not exist
     model = method.build_model()
     model.load_state_dict(full_model_state(meta["path"], state))
     return method, model.eval()

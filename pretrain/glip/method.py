@@ -27,7 +27,7 @@ from pretrain.glip.data import GroundingSample
 from pretrain.glip.loss import glip_loss
 from pretrain.glip.model import BiCrossAttention, GlipModel, backbone_kwargs, build_backbone, build_tokenizer
 from pretrain.method import PretrainMethod, method_section
-from pretrain.timm_weights import export_timm_backbone
+from pretrain.timm_weights import export_timm_backbone, start_weights
 
 BACKBONE = "backbone."
 NO_DECAY = ("bias", "norm", "ln_", "embedding", "gain_", "logit_scale", "bias0")
@@ -51,6 +51,9 @@ class GlipMethod(PretrainMethod):
         self.glip = method_section(cfg, "glip", GlipConfig)
         self._tokenizer = None
         self._evaluator = None
+        # True when a checkpoint fills every weight next (`baton ground`): build_model then reads no
+        # starting weights (glip.init_from, glip.pretrained), which need not exist any more
+        self.from_checkpoint = False
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -62,9 +65,18 @@ class GlipMethod(PretrainMethod):
         from pretrain.glip.init_from import check_towers, init_from_handoff
 
         check_towers(self.glip.init_towers)
+        chosen = {"pretrained": False} if self.from_checkpoint else \
+            start_weights("glip", self.glip.pretrained, self.glip.backbone_kwargs)
+        if chosen["pretrained"] and self.glip.init_from and "image" in self.glip.init_towers:
+            keys = (f"glip.pretrained={self.glip.pretrained!r}" if self.glip.pretrained else
+                    f"glip.backbone_kwargs {sorted(k for k in chosen if k != 'pretrained') or ['pretrained']}")
+            raise BatonError(f"{keys} and glip.init_from={self.glip.init_from} (init_towers "
+                             f"{list(self.glip.init_towers)}) both choose the image backbone's starting weights: "
+                             f"keep one, or set glip.init_towers=[text]")
         tok = self.tokenizer()
-        model = GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0))
-        if self.glip.init_from:
+        model = GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0),
+                          start_weights=not self.from_checkpoint)
+        if self.glip.init_from and not self.from_checkpoint:
             init_from_handoff(model, self.glip)
         return model
 
@@ -113,7 +125,8 @@ class GlipMethod(PretrainMethod):
             raise BatonError(f"the checkpoint holds no '{BACKBONE}*' weights: it is not a GLIP run "
                              f"(keys look like {sorted(state)[:3]})")
         return export_timm_backbone(
-            out, build_backbone(self.glip), weights, f"glip.backbone={self.glip.backbone} {self.glip.backbone_kwargs}",
+            out, build_backbone(self.glip, weights=False), weights,   # the checkpoint's weights, not glip.pretrained's
+            f"glip.backbone={self.glip.backbone} {self.glip.backbone_kwargs}",
             architecture=self.glip.backbone, model_config=backbone_kwargs(self.glip),
             preprocess=self.preprocess(), source={**self.source, "method": self.name})
 

@@ -32,30 +32,19 @@ from torch import nn
 from baton.errors import BatonError
 from baton.packaged_models import resolve_model_path
 from pretrain.glip.config import GlipConfig
+from pretrain.timm_weights import architecture_kwargs, create_backbone
 
 
 def backbone_kwargs(cfg: GlipConfig) -> dict[str, Any]:
-    """The `timm.create_model` kwargs of the image backbone (also the handoff's model_config)."""
-    if not isinstance(cfg.backbone_kwargs or {}, dict):
-        raise BatonError(f"glip.backbone_kwargs must be a mapping of timm kwargs, not {cfg.backbone_kwargs!r}")
-    weights = sorted({"pretrained", "pretrained_cfg_overlay"} & set(cfg.backbone_kwargs or {}))
-    if weights:  # GLIP's backbone starts from a random init: such a key would be silently dropped
-        raise BatonError(f"glip.backbone_kwargs {weights}: GLIP builds its backbone from a random init and has "
-                         f"no pretrained weights option (DINO has dino.pretrained); remove them")
-    return {"model_name": cfg.backbone, "num_classes": 0, **dict(cfg.backbone_kwargs or {})}
+    """The `timm.create_model` kwargs of the image backbone's architecture (also the handoff's
+    model_config: the starting weights are not part of it)."""
+    return architecture_kwargs("glip", cfg.backbone, cfg.backbone_kwargs)
 
 
-def build_backbone(cfg: GlipConfig) -> nn.Module:
-    import timm
-
-    from pretrain.models import register_timm_models
-
-    register_timm_models()
-    try:
-        return timm.create_model(**backbone_kwargs(cfg), pretrained=False)
-    except Exception as e:  # unknown name, or kwargs the model does not take
-        raise BatonError(f"glip.backbone={cfg.backbone!r} with glip.backbone_kwargs={cfg.backbone_kwargs}: "
-                         f"timm cannot build it: {type(e).__name__}: {e}") from None
+def build_backbone(cfg: GlipConfig, weights: bool = True) -> nn.Module:
+    """The timm image backbone with glip.pretrained's starting weights (random when not `weights`:
+    a module a checkpoint or an export fills)."""
+    return create_backbone("glip", cfg.backbone, cfg.backbone_kwargs, cfg.pretrained, weights=weights)
 
 
 def build_tokenizer(cfg: GlipConfig):
@@ -125,10 +114,12 @@ def conv_tower(dim: int, n: int) -> nn.Sequential:
 
 
 class GlipModel(nn.Module):
-    def __init__(self, cfg: GlipConfig, vocab_size: int, pad_id: int):
+    def __init__(self, cfg: GlipConfig, vocab_size: int, pad_id: int, start_weights: bool = True):
+        """`start_weights=False`: the backbone is not given glip.pretrained's weights (the caller
+        loads a checkpoint next, and the weights file may be gone by then)."""
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, weights=start_weights)
         channels, self.grid = self._probe_map()
         self.text = TextEncoder(cfg, vocab_size, pad_id)
         self.image_in = nn.Conv2d(channels, cfg.dim, 1)
