@@ -1,6 +1,7 @@
 """Starting from open_clip's weights the way its users name them: `backbone=open_clip:...` in
 finetuning (an open_clip_train epoch_N.pt of a custom model config, a local-dir export, released
-NAME@TAG) and `clip.pretrained=FILE` in pretraining; offline, released weights fail naming the cache."""
+NAME@TAG) and, in pretraining, `clip.pretrained=FILE|TAG` or `clip.name=local-dir:DIR|hf-hub:ORG/NAME`
+(continuing a baton CLIP export); offline, released weights fail naming the cache."""
 
 from __future__ import annotations
 
@@ -180,3 +181,97 @@ def test_open_clip_hf_hub_repository_offline_names_the_cache_and_loads_once_it_i
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(backbone.eval()(x), model.encode_image(x))
+
+
+def clip_method(**clip):
+    from baton.distributed import DistInfo
+    from pretrain.clip.config import ClipConfig
+    from pretrain.config import pretrain_config
+    from pretrain.method import build_method
+
+    method = build_method(pretrain_config(clip=ClipConfig(**clip)), DistInfo())
+    method.source = {"checkpoint": "none", "step": 0}
+    return method
+
+
+def test_pretrain_continues_from_a_baton_clip_export_by_open_clips_local_dir_name(tmp_path):
+    """clip.name=local-dir:EXPORT: the run starts from the export's whole CLIP (weights, config,
+    tokenizer, the export's normalisation); its own export needs the start's weights no more and
+    loads in open_clip as the first did."""
+    import open_clip
+    from PIL import Image
+
+    from pretrain.clip.model import build_tokenizer, preprocess_cfg
+    from pretrain.clip.open_clip_weights import write_open_clip_dir
+
+    torch.manual_seed(4)
+    trained = open_clip.CLIP(**CUSTOM, output_dict=True).eval()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pp = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
+    start = tmp_path / "start"
+    write_open_clip_dir(start, trained, CUSTOM, pp)
+    method = clip_method(name=f"local-dir:{start}")
+    model = method.build_model().eval()
+    assert model.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+    assert preprocess_cfg(model) == pp
+    texts = build_tokenizer(method.cfg.clip)(["a red circle", "a blue square"])
+    assert texts.shape == (2, CUSTOM["text_cfg"]["context_length"])
+
+    with torch.no_grad():   # a step of training, then the export of the continued run
+        for p in model.parameters():
+            p.add_(0.01)
+    (start / "open_clip_model.safetensors").unlink()   # the export builds the architecture only
+    out = method.export({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "out")
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["model_config"] == CUSTOM and meta["preprocess"] == pp
+    again, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    image = Image.new("RGB", (40, 24), (200, 30, 90))
+    x = preprocess(image).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(again.eval().encode_image(x), model.encode_image(x))
+        assert torch.equal(again.encode_text(texts), model.encode_text(texts))
+        assert not torch.equal(again.encode_text(texts), trained.encode_text(texts))
+    # a local dir without weights would train from a random init in open_clip (a warning): refused
+    with pytest.raises(BatonError, match=rf"clip.name=local-dir:{start}: .*no weights .* in {start}"):
+        clip_method(name=f"local-dir:{start}").build_model()
+
+
+def test_pretrain_start_spellings_that_would_drop_a_key_are_refused(tmp_path, monkeypatch):
+    """Each of these would build something else than it says (open_clip ignores clip.pretrained
+    beside a scheme; with clip.config the name is only a label); released weights and hub
+    repositories offline name the cache to fill, as finetuning's open_clip: does."""
+    from huggingface_hub import constants
+
+    from pretrain.clip.open_clip_weights import write_open_clip_dir
+
+    import open_clip
+
+    write_open_clip_dir(tmp_path / "dir", open_clip.CLIP(**CUSTOM), CUSTOM,
+                        {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"})
+    local = f"local-dir:{tmp_path / 'dir'}"
+    with pytest.raises(BatonError, match=r"brings its own weights and open_clip ignores clip.pretrained"):
+        clip_method(name=local, pretrained="openai").build_model()
+    with pytest.raises(BatonError, match=rf"set clip.name={local} .* and unset clip.pretrained"):
+        clip_method(name="ViT-B-32", pretrained=local).build_model()
+    with pytest.raises(BatonError, match=r"clip.name=local-dir:.* and clip.config are both set"):
+        clip_method(name=local, config=CUSTOM).build_model()
+    with pytest.raises(BatonError, match=r"clip.name=local-dir:.*nowhere.*cannot read"):
+        clip_method(name=f"local-dir:{tmp_path / 'nowhere'}").build_model()
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    with pytest.raises(BatonError) as e:
+        clip_method(name="hf-hub:baton-test/tiny-clip").build_model()
+    assert str(e.value).startswith("clip.name=hf-hub:baton-test/tiny-clip: ")
+    assert f"fill {hub / 'models--baton-test--tiny-clip'}" in str(e.value)
+    with pytest.raises(BatonError) as e:
+        clip_method(name="ViT-B-32", pretrained="openai").build_model()
+    assert str(e.value).startswith("clip.name=ViT-B-32 clip.pretrained=openai: ") and "HF_HUB_OFFLINE" in str(e.value)
+    assert str(hub / "models--timm--vit_base_patch32_clip_224.openai") in str(e.value)
+    with pytest.raises(BatonError, match="no such pretrained tag for ViT-B-32"):
+        clip_method(name="ViT-B-32", pretrained="no-such-tag").build_model()

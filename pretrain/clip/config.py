@@ -16,7 +16,9 @@ from baton.config import bounded
 @dataclass
 class ClipConfig:
     """The open_clip model CLIP trains (pretrain/clip/model.py)."""
-    name: str = "ViT-B-16"                    # open_clip model name, or a label when `config` is set
+    # open_clip model name, or open_clip's local-dir:DIR (a baton CLIP export: continue pretraining it) /
+    # hf-hub:ORG/NAME (config, weights and preprocessing from there), or a label when `config` is set
+    name: str = "ViT-B-16"
     # An open_clip model config dict (embed_dim, vision_cfg, text_cfg); when set it is built instead
     # of a named model. Typed Any (None by default: a named model) so the YAML gives the whole dict.
     config: Any = None

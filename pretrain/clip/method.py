@@ -24,7 +24,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.handoff import BackboneMeta, TextTower, write_handoff, write_text_tower
-from pretrain.clip.open_clip_weights import write_open_clip_dir
+from pretrain.clip.open_clip_weights import check_clip_start, write_open_clip_dir
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
 from pretrain.data import SampleToPair
@@ -50,6 +50,8 @@ class ClipMethod(PretrainMethod):
 
     # ------------------------------------------------------------------ model and data
     def build_model(self) -> nn.Module:
+        if self.cfg.clip.config is None:   # a named / local-dir: / hf-hub: model: its weights must be there
+            check_clip_start(self.cfg.clip.name, self.cfg.clip.pretrained)
         model = build_clip(self.cfg.clip)
         size = preprocess_cfg(model)["image_size"]
         if self.cfg.data.image_size not in (None, size):
@@ -134,8 +136,7 @@ class ClipMethod(PretrainMethod):
         cfg = self.cfg
         model_config = model_config_dict(cfg.clip)
         tag = cfg.clip.pretrained
-        mcfg = type(cfg.clip)(name=cfg.clip.name, config=cfg.clip.config, pretrained=None)  # no download
-        model = build_clip(mcfg)
+        model = build_clip(cfg.clip, weights=False)   # no download: the checkpoint's weights go in
         model.load_state_dict(state, strict=True)
         preprocess = preprocess_cfg(model)
         if tag:  # training used the pretrained tag's normalisation

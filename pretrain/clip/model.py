@@ -1,15 +1,19 @@
 """Build an open_clip CLIP model, its tokenizer and its image transforms from `ClipConfig`.
 
 A model is either an open_clip name (`ViT-B-16`, built by `open_clip.create_model`, optionally
-with pretrained weights: a tag or a checkpoint file) or a literal open_clip config dict (`embed_dim`,
-`vision_cfg`, `text_cfg`), built with `open_clip.CLIP(**config)`, optionally with a checkpoint file
-of that config (an open_clip_train `epoch_N.pt` of a custom model). Both paths end in the same full config dict,
-which export writes into the handoff so the image tower can be rebuilt without this run.
+with pretrained weights: a tag or a checkpoint file; or open_clip's `local-dir:DIR` / `hf-hub:ORG/NAME`,
+a baton CLIP export or an open_clip repository, config and weights from there) or a literal open_clip
+config dict (`embed_dim`, `vision_cfg`, `text_cfg`), built with `open_clip.CLIP(**config)`, optionally
+with a checkpoint file of that config (an open_clip_train `epoch_N.pt` of a custom model). Both paths
+end in the same full config dict, which export writes into the handoff so the image tower can be
+rebuilt without this run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import warnings
 from dataclasses import asdict
@@ -32,6 +36,7 @@ def model_config_dict(mcfg: ClipConfig) -> dict[str, Any]:
     import open_clip
 
     if mcfg.config is not None:
+        check_label(mcfg)
         if not isinstance(mcfg.config, dict):
             raise BatonError(f"clip.config must be a mapping (an open_clip model config), not {mcfg.config!r}")
         cfg = copy.deepcopy(dict(mcfg.config))
@@ -40,15 +45,45 @@ def model_config_dict(mcfg: ClipConfig) -> dict[str, Any]:
             raise BatonError(f"clip.config lacks {', '.join(missing)}: an open_clip model config needs "
                              f"embed_dim, vision_cfg and text_cfg (see open_clip/model_configs/*.json)")
         return cfg
-    cfg = open_clip.get_model_config(mcfg.name)
+    cfg = open_clip.get_model_config(mcfg.name)   # local-dir: / hf-hub: names read their open_clip_config.json
     if cfg is None:
         raise BatonError(f"clip.name '{mcfg.name}' is not an open_clip model (e.g. ViT-B-16, ViT-B-32, "
                          f"RN50; `open_clip.list_models()` lists them) and clip.config is not set")
     return copy.deepcopy(cfg)
 
 
-def build_clip(mcfg: ClipConfig) -> nn.Module:
-    """The CLIP model (random init unless `mcfg.pretrained`), returning dict outputs."""
+@contextlib.contextmanager
+def quiet_random_init(on: bool):
+    """Drop open_clip's "Model initialized randomly" warning while building a module that a
+    checkpoint fills next (an export): it is true of that module and says nothing about the run."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if on:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def check_label(mcfg: ClipConfig) -> None:
+    """With clip.config, clip.name is a label: a local-dir: / hf-hub: name there would look like the
+    run starts from those weights while it builds clip.config from a random init."""
+    from open_clip.factory import parse_model_name
+
+    schema, _ = parse_model_name(mcfg.name)
+    if schema:
+        raise BatonError(f"clip.name={mcfg.name} and clip.config are both set: a {schema}: name brings its own "
+                         f"config and weights (open_clip_config.json); unset clip.config to start from it, or "
+                         f"give clip.name a plain label")
+
+
+def build_clip(mcfg: ClipConfig, weights: bool = True) -> nn.Module:
+    """The CLIP model (random init unless `mcfg.pretrained` or a local-dir: / hf-hub: `mcfg.name`),
+    returning dict outputs. `weights=False`: the architecture and preprocessing only (a module an
+    export loads a checkpoint into: no download, the starting weights need not exist any more)."""
     import open_clip
     from open_clip.transform import PreprocessCfg
 
@@ -56,11 +91,18 @@ def build_clip(mcfg: ClipConfig) -> nn.Module:
 
     register_timm_models()  # an image tower may be one of baton's timm models (timm_model_name)
     if mcfg.config is None:
+        # (pretraining checks the weights are there first: pretrain.clip.open_clip_weights.check_clip_start)
+        # (load_weights: open_clip >= 3.0, which also brought the schemes; a named model needs no flag)
+        skip = {} if weights or ":" not in mcfg.name else {"load_weights": False}
         try:
-            return lock_text(open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained, output_dict=True), mcfg)
-        except RuntimeError as e:
+            with quiet_random_init(not weights):
+                model = open_clip.create_model(mcfg.name, pretrained=mcfg.pretrained if weights else None,
+                                               output_dict=True, **skip)
+        except (RuntimeError, ValueError, OSError) as e:   # open_clip's unknown names, unreadable local dirs
             raise BatonError(f"clip.name={mcfg.name} clip.pretrained={mcfg.pretrained}: {e}") from None
-    if mcfg.pretrained and not Path(mcfg.pretrained).is_file():
+        return lock_text(model, mcfg)
+    check_label(mcfg)
+    if weights and mcfg.pretrained and not Path(mcfg.pretrained).is_file():
         raise BatonError(f"clip.pretrained={mcfg.pretrained}: with clip.config it must be a checkpoint file "
                          f"of that config (an open_clip_train epoch_N.pt); a released tag needs a named model")
     cfg = resolve_packaged_text(model_config_dict(mcfg))
@@ -72,7 +114,7 @@ def build_clip(mcfg: ClipConfig) -> nn.Module:
         raise BatonError(f"clip.config is not a valid open_clip config: {e}") from None
     size = model.visual.image_size
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=size if isinstance(size, int) else size[0])))
-    if mcfg.pretrained:  # an open_clip_train checkpoint of this custom config, through open_clip's loader
+    if weights and mcfg.pretrained:  # an open_clip_train checkpoint of this custom config, through open_clip's loader
         try:
             open_clip.load_checkpoint(model, mcfg.pretrained, strict=True)
         except (RuntimeError, KeyError) as e:

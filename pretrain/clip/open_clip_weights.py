@@ -10,7 +10,8 @@ CLIP, open_clip's own key names: `visual.*`, `transformer.*`, `logit_scale`, ...
 gives the trained model. An image tower that is one of baton's timm models (`timm_model_name:
 small_convnet`) needs them registered first: `import pretrain.models` does it.
 
-Import (`backbone=open_clip:SPEC` in finetuning, `clip.pretrained=FILE` in pretraining), SPEC one of:
+Import (`backbone=open_clip:SPEC` in finetuning; in pretraining `clip.pretrained=TAG|FILE` of a named
+`clip.name`, or `clip.name=local-dir:DIR|hf-hub:ORG/NAME`, open_clip's own schemes), SPEC one of:
 
     NAME@TAG          released weights: open_clip.list_pretrained() names them (ViT-B-32@openai)
     NAME@FILE         a checkpoint of NAME: open_clip_train's epoch_N.pt ({"state_dict": ...},
@@ -240,3 +241,29 @@ def load_open_clip_backbone(spec: str) -> tuple[nn.Module, BackboneMeta]:
     del model
     return visual, meta
 
+
+
+def check_clip_start(name: str, pretrained: str | None) -> None:
+    """Before open_clip builds pretraining's CLIP from `clip.name` / `clip.pretrained`, make sure the
+    weights are there, as finetuning's open_clip: SPEC does: open_clip itself would only log a
+    warning and train from a random init when a local-dir or hub repository has no weights, and its
+    offline errors do not say which cache to fill. The files land in open_clip's caches, where
+    `open_clip.create_model` then finds them."""
+    from open_clip.factory import parse_model_name
+
+    schema, _ = parse_model_name(name)
+    where = f"clip.name={name}" + (f" clip.pretrained={pretrained}" if pretrained else "")
+    if schema and pretrained:
+        raise BatonError(f"{where}: a {schema}: clip.name brings its own weights and open_clip ignores "
+                         f"clip.pretrained with it; unset clip.pretrained")
+    if not schema and pretrained and pretrained.startswith((LOCAL_DIR, HF_HUB)):
+        raise BatonError(f"{where}: {pretrained.split(':')[0]}: is a model spelling, not a weights tag: "
+                         f"set clip.name={pretrained} (config, weights and preprocessing come from there) "
+                         f"and unset clip.pretrained")
+    try:
+        if schema:
+            resolve_open_clip(name)          # config and weights, or an error naming what is missing
+        elif pretrained and not Path(pretrained).is_file():
+            _released_weights(name, pretrained)
+    except BatonError as e:
+        raise BatonError(f"{where}: {e}") from None
