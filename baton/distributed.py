@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from baton.errors import BatonError
 from baton.io import seconds_from_env
-from baton.run import choose_device
 
 TIMEOUT_ENV = "BATON_COLLECTIVE_TIMEOUT_S"
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def collective_timeout_s() -> float:
@@ -47,6 +47,18 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def choose_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`train.device`: auto (cuda when available, else cpu) | cpu | cuda (this rank's GPU when
+    `local_rank` is given). It lives here, below `baton.run` (which exports it to the loops), so that
+    `baton.preemption`, which `baton.run` imports, can use this module's all-reduce without a cycle."""
+    if name not in DEVICES:
+        raise BatonError(f"train.device '{name}' is not one of {', '.join(DEVICES)}")
+    use_cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -127,11 +139,30 @@ def destroy() -> None:
     destroy_process_group()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """`t` summed over ranks, in place (unchanged without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        with _named("an all_reduce"):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+# the reductions a caller may name; "mean" is a sum divided by the world size because gloo has no
+# AVG (NCCL's ReduceOp.AVG would make the result depend on the backend)
+REDUCE_OPS = ("sum", "mean", "max", "min")
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`t` reduced over ranks by `op` (sum | mean | max | min), in place, and returned.
+
+    The one all-reduce of the project, so every caller gets the peer-failure error and the same
+    world-of-one rule: without a process group, or in a group of one, `t` is returned unchanged
+    (no collective is run, a mean of one is the value itself)."""
+    if op not in REDUCE_OPS:
+        raise ValueError(f"all_reduce op {op!r}: expected one of {', '.join(REDUCE_OPS)}")
+    if op == "mean" and not (t.is_floating_point() or t.is_complex()):
+        raise TypeError(f"all_reduce op 'mean' of a {t.dtype} tensor: the mean of integers is not an integer; "
+                        "reduce a floating-point tensor (or use op='sum' and divide)")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
+                 "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    with _named(f"an all_reduce ({op})"):
+        dist.all_reduce(t, op=reduce_op)
+    if op == "mean":
+        t.div_(dist.get_world_size())
     return t
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from baton.distributed import all_reduce_sum
+from baton.distributed import all_reduce
 from baton.errors import BatonError
 
 KEY = "train.max_nonfinite_steps"
@@ -36,7 +36,7 @@ def nonfinite_ranks(losses: torch.Tensor, rank: int = 0, world_size: int = 1) ->
     a collective) that the others skip, and the replicas would part or the run would hang."""
     flags = torch.zeros(world_size, device=losses.device)
     flags[rank] = (~torch.isfinite(losses)).any().float()
-    return [r for r, bad in enumerate(all_reduce_sum(flags).tolist()) if bad]
+    return [r for r, bad in enumerate(all_reduce(flags, "sum").tolist()) if bad]
 
 
 def describe(losses: torch.Tensor, bad: list[int], rank: int = 0, world_size: int = 1) -> str:

@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from baton.distributed import all_reduce
+
 # Exit status of a stage that stopped on request after writing a checkpoint: resume=latest continues.
 EXIT_STOPPED = 3
 
@@ -50,5 +52,4 @@ def stop_requested() -> bool:
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     flag = torch.tensor([1 if _requested else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return bool(all_reduce(flag, "max").item())

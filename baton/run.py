@@ -36,24 +36,13 @@ import torch
 
 from baton.checkpoint import latest_checkpoint, refuse_used_run_dir
 from baton.config import config_changes, to_yaml
+from baton.distributed import DEVICES, choose_device  # noqa: F401 (the loops' device: API here)
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.preemption import stop_requested
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger("baton")
-
-
-def choose_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`train.device`: auto (cuda when available, else cpu) | cpu | cuda (this rank's GPU when
-    `local_rank` is given)."""
-    if name not in DEVICES:
-        raise BatonError(f"train.device '{name}' is not one of {', '.join(DEVICES)}")
-    use_cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
-    if not use_cuda:
-        return torch.device("cpu")
-    return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from baton.distributed import DistInfo, all_reduce_sum
+from baton.distributed import DistInfo, all_reduce
 from baton.errors import BatonError
 from pretrain.config import EvalConfig
 from pretrain.data.labelled import LabelledSample, read_labelled
@@ -213,8 +213,8 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
                                     device=device)
         zeroshot = count_hits(local_images, class_group[local_labels], all_weights, class_group[all_classes],
                               KS, ecfg.chunk_size)
-        totals = all_reduce_sum(torch.cat([image_to_text, text_to_image, zeroshot,
-                                           torch.tensor([bad], dtype=torch.long, device=device)]))
+        totals = all_reduce(torch.cat([image_to_text, text_to_image, zeroshot,
+                                       torch.tensor([bad], dtype=torch.long, device=device)]), "sum")
     finally:
         model.train(was_training)
     n = len(valid)

@@ -18,8 +18,9 @@ sharp target while the batch as a whole uses every prototype.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from baton.distributed import all_reduce
 
 
 def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, *,
@@ -55,16 +56,9 @@ def updated_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: fl
     rows = teacher_out.detach().float()
     # one all-reduce of [sum of rows, row count]: ranks may hold different batch sizes
     packed = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(packed)
+    all_reduce(packed, "sum")
     batch_mean = (packed[:-1] / packed[-1]).unsqueeze(0)
     return center * momentum + batch_mean * (1.0 - momentum)
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 @torch.no_grad()
@@ -75,13 +69,13 @@ def sinkhorn_knopp_targets(teacher_out: torch.Tensor, teacher_temp: float, itera
     (rows sum to 1). Sums over rows are all-reduced, so N ranks of B rows equal one process with N*B.
     The logits are shifted by their global maximum first (the first normalisation cancels it exactly)."""
     logits = teacher_out.detach().float() / teacher_temp
-    top = _all_reduce(logits.max().reshape(1), dist.ReduceOp.MAX if dist.is_available() else None)
+    top = all_reduce(logits.max().reshape(1), "max")
     q = torch.exp(logits - top).t()                     # K x B
     k = q.shape[0]
-    rows = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
-    q /= _all_reduce(q.sum().reshape(1))
+    rows = all_reduce(torch.tensor([float(q.shape[1])], device=q.device), "sum")
+    q /= all_reduce(q.sum().reshape(1), "sum")
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))     # each prototype: total mass 1 ...
+        q /= all_reduce(q.sum(dim=1, keepdim=True), "sum")  # each prototype: total mass 1 ...
         q /= k                                           # ... then 1/K
         q /= q.sum(dim=0, keepdim=True)                  # each row (sample): 1 ...
         q /= rows                                        # ... then 1/B

@@ -19,11 +19,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 import torch
-import torch.distributed as dist
 import torchvision.transforms as T
 from torch import nn
 
-from baton.distributed import DistInfo, all_reduce_sum
+from baton.distributed import DistInfo, all_reduce
 from baton.errors import BatonError
 from pretrain.data.labelled import LabelledSet, read_labelled
 from pretrain.data.samples import Rejected, decode_image
@@ -102,8 +101,7 @@ class KnnMonitor:
         finally:
             backbone.train(was_training)
         width = torch.tensor([int(chunks[0].shape[1]) if chunks else 0], device=device)
-        if dist.is_available() and dist.is_initialized():  # a rank without a valid sample learns it from the others
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        all_reduce(width, "max")  # a rank without a valid sample learns it from the others
         dim = int(width)
         feats = torch.zeros(len(samples), dim, device=device)
         valid = torch.zeros(len(samples), device=device)
@@ -111,7 +109,7 @@ class KnnMonitor:
             idx = torch.tensor(rows, device=device)
             feats[idx] = torch.cat(chunks)
             valid[idx] = 1.0
-        return all_reduce_sum(feats), all_reduce_sum(valid) > 0
+        return all_reduce(feats, "sum"), all_reduce(valid, "sum") > 0
 
     def __call__(self, backbone: nn.Module, device: torch.device) -> dict[str, float]:
         labelled = self.labelled()

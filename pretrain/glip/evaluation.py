@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou, nms
 
-from baton.distributed import all_reduce_sum
+from baton.distributed import all_reduce
 from pretrain.data import Rejected
 from pretrain.data.labelled import LabelledSet, read_labelled
 from pretrain.glip.data import GroundingSample
@@ -101,7 +101,7 @@ def grounding_recall(model, rows: list[tuple], batch_size: int, device, nms_iou:
         out = model(images, ids, mask)
         h, t = recall_counts(ranked_boxes(out, pmap, valid, max(RECALL_AT), nms_iou), boxes, valid)
         hits, total = [a + b for a, b in zip(hits, h)], total + t
-    counts = all_reduce_sum(torch.tensor([*hits, total], dtype=torch.float64, device=device))
+    counts = all_reduce(torch.tensor([*hits, total], dtype=torch.float64, device=device), "sum")
     regions = counts[-1]
     return {**{f"grounding_r{k}": float(counts[i] / regions.clamp(min=1)) for i, k in enumerate(RECALL_AT)},
             "grounding_regions": float(regions)}

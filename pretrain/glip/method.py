@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from baton.compat import uncompiled
-from baton.distributed import all_reduce_sum
+from baton.distributed import all_reduce
 from baton.errors import BatonError
 from pretrain.glip.config import GlipConfig
 from pretrain.glip.data import GroundingSample
@@ -92,7 +92,7 @@ class GlipMethod(PretrainMethod):
         """A loss normaliser averaged over ranks (GLIP's reduce_sum / world size)."""
         if self.info.world_size == 1:
             return t
-        return all_reduce_sum(t.clone()) / self.info.world_size
+        return all_reduce(t.clone(), "mean")
 
     def loss(self, net, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         tensors = [t for t in batch if torch.is_tensor(t)]

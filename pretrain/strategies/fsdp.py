@@ -23,10 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from baton.distributed import all_reduce
 from pretrain.strategies.base import DCP_DIR, ParamGroups, Strategy, ensure_process_group
 
 
@@ -73,11 +73,9 @@ class FSDPStrategy(Strategy):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, grad_clip: float | None) -> None:
-        world = dist.get_world_size()
         for p in self.replicated:   # FSDP2 averaged the sharded gradients; these are ours to average
-            if p.grad is not None and world > 1:
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
+            if p.grad is not None:
+                all_reduce(p.grad, "mean")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if grad_clip:
