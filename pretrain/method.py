@@ -111,7 +111,9 @@ class PretrainMethod:
 
     def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward through the WRAPPED module `net` (exactly one call per micro-batch); return the
-        scalar loss and extra scalars to log. `batch` holds the loader's tensors, on the device."""
+        scalar loss and extra scalars to log. `batch` holds the loader's tensors, on the device. An
+        extra may be a float or a detached 0-dim tensor that nothing changes afterwards: a tensor is
+        read on the host only on a logged step (train.log_every), not on every step."""
         raise NotImplementedError
 
     def accumulate(self, net: nn.Module, strategy: "Strategy", micro_batches: Iterable[tuple], step: int,

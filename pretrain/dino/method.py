@@ -118,7 +118,10 @@ class DinoMethod(PretrainMethod):
             if name == "last_layer" and frozen:
                 group["lr"] = 0.0
 
-    def loss(self, net, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, net, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The distillation loss (+ dino.koleo_loss_weight x KoLeo). With KoLeo the two parts are
+        returned as detached 0-dim tensors, not floats: the engine reads them only on a logged step
+        (train.log_every), so a step that is not logged waits for no GPU result."""
         crops = [t for t in batch if torch.is_tensor(t)]  # the loader's keys, if passed, are not tensors
         n_crops = 2 + self.dino.n_local_crops
         if len(crops) != n_crops:
@@ -129,7 +132,7 @@ class DinoMethod(PretrainMethod):
         model = unwrap(net)
         temp = schedules.teacher_temperature(step, self.steps_per_epoch(), self.dino.warmup_teacher_temp,
                                              self.dino.teacher_temp, self.dino.warmup_teacher_temp_epochs)
-        extra: dict[str, float] = {}
+        extra: dict[str, float | torch.Tensor] = {}
         if self.dino.centering == "sinkhorn_knopp":
             targets = sinkhorn_knopp_targets(teacher_out, temp, self.dino.sinkhorn_iterations)
             loss = distillation_loss(student_out, targets, n_crops=n_crops, student_temp=self.dino.student_temp)
@@ -139,7 +142,7 @@ class DinoMethod(PretrainMethod):
             model.center.copy_(updated_center(model.center, teacher_out, self.dino.center_momentum))
         if koleo:
             reg = sum(koleo_loss(f) for f in feats[0].chunk(2))
-            extra["dino_loss"], extra["koleo_loss"] = float(loss.detach()), float(reg.detach())
+            extra["dino_loss"], extra["koleo_loss"] = loss.detach(), reg.detach()   # fresh tensors: never updated in place
             loss = loss + self.dino.koleo_loss_weight * reg
         return loss, {**extra, "teacher_temp": temp,
                       "teacher_momentum": schedules.teacher_momentum(step, total, self.dino.teacher_momentum),
