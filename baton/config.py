@@ -164,6 +164,11 @@ class ChosenSection:
     # belonged to}. With that choice it is read as the choice's section; with another, left out
     # (it was not read then either). Both with a warning naming the new key.
     old_sections: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Keys of the shared schema that the choices took over (`eval`, `data.caption`): each choice's
+    # section dataclass says which of them it reads now and where, in its ClassVar
+    # `FROM_SHARED_KEYS` ({old dotted key: new dotted key}), read as that with a warning; what is
+    # left of these keys is not read by the chosen one and is left out with a warning.
+    moved_keys: Sequence[str] = ()
 
 
 def _choice_default(schema: Any, key: str) -> Any:
@@ -217,6 +222,13 @@ def concrete_schema(schema: Any, name: str) -> Any:
         elif owner != name:
             dropped[old] = f"it is the section of {chosen.key}={owner} (now spelled '{owner}:'), not read by {name}"
             unread[old] = sections[owner]
+    renamed.update(getattr(section, "FROM_SHARED_KEYS", {}))
+    for old in chosen.moved_keys:
+        readers = [owner for owner, s in sections.items() if owner != name and
+                   any(k == old or k.startswith(old + ".") for k in getattr(s, "FROM_SHARED_KEYS", {}))]
+        dropped.setdefault(old, f"{chosen.key}={name} does not read it" + (
+            f" (only {', '.join(f'{chosen.key}={r}' for r in readers)} did; it is in their own section now)"
+            if readers else ""))
     field = dataclasses.field(default_factory=section, metadata={"help": f"used when {chosen.key}={name}"})
     cls = dataclasses.make_dataclass(schema.__name__, [(name, section, field)], bases=(schema,),
                                      namespace={"RENAMED_KEYS": renamed, "DROPPED_KEYS": dropped,

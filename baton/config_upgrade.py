@@ -43,11 +43,12 @@ def drop_keys(node: Any, dropped: Mapping[str, str], source: str, warn: bool = T
     if not OmegaConf.is_dict(node):
         return
     for key, why in dropped.items():
-        if OmegaConf.select(node, key, default=_MISSING) is _MISSING:
+        value = OmegaConf.select(node, key, default=_MISSING)
+        if value is _MISSING:
             continue
         parent, _, leaf = key.rpartition(".")
         (OmegaConf.select(node, parent) if parent else node).pop(leaf)
-        if warn:
+        if warn and not (OmegaConf.is_dict(value) and len(value) == 0):   # emptied by a rename: nothing lost
             _log.warning("%s: config key '%s' is not read any more and was left out: %s", source, key, why)
 
 

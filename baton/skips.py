@@ -3,12 +3,12 @@
 Every reader of a labelled set skips a bad input (undecodable image, no class, unreadable file,
 truncated shard) with a warning naming it and counts it by reason, instead of stopping at the
 first: labelled shards (`pretrain.data.labelled`: finetuning's `shards` source, `baton evaluate`,
-pretraining's `eval.shards` and `dino.knn_shards`) and finetuning's file sources (class folders,
+pretraining's `clip.eval.shards` / `glip.eval.shards` and `dino.knn_shards`) and finetuning's file sources (class folders,
 CUB200, CARS196, SOP: `finetune.datasets.image_files`). But a set that silently shrank gives wrong
 results (a training set short of a tenth of its classes, metrics on a different test set), so once
 more than a fraction of what should have been read was skipped or lost, the reader fails, naming
 the worst places (shards or files) and the key that sets the limit (`data.max_skipped_fraction`,
-`eval.max_skipped_fraction`).
+`clip.eval.max_skipped_fraction`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Collection, Mapping, Optional
 
 from baton.errors import BatonError
 
-# The default limit (`data.max_skipped_fraction`, `eval.max_skipped_fraction`, `baton evaluate
+# The default limit (`data.max_skipped_fraction`, `clip.eval.max_skipped_fraction`, `baton evaluate
 # --max-skipped-fraction`): a labelled set with more than 1 % of its samples skipped or lost is
 # broken, not unlucky.
 MAX_SKIPPED_FRACTION = 0.01

@@ -144,7 +144,7 @@ def part_decode(result: PartResult, args, dev: torch.device) -> None:
     from baton.images import rgb_on_white
     from loader import decode_cores_needed, load_images
     from pretrain.clip.model import build_transforms
-    from pretrain.config import AugmentConfig
+    from pretrain.clip.config import AugmentConfig
     from pretrain.data.device_decode import DeviceImages
     from pretrain.data.uint8_images import split_normalize
 

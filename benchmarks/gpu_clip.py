@@ -31,7 +31,7 @@ def clip_config(model: str, smoke: bool, dev: torch.device, overrides: list[str]
     from pretrain.config import PretrainConfig
 
     base = ["train.zero_stage=2", f"train.device={dev.type}",
-            f"train.precision={'fp32' if smoke else 'bf16'}", "optim.warmup_steps=0", "data.caption=txt"]
+            f"train.precision={'fp32' if smoke else 'bf16'}", "optim.warmup_steps=0", "clip.caption=txt"]
     if smoke:
         base += ["data.batch_size=8"]
     cfg = load_config(PretrainConfig, REPO / "configs" / "clip_vit_b16.yaml", [*base, *overrides])

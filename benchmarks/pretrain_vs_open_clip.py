@@ -66,7 +66,7 @@ def baton_command(args, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "baton", "pretrain", args.config, f"run_dir={run_dir}",
             f"data.train_shards={args.shards}", f"data.num_samples={args.num_samples}",
             f"data.batch_size={args.batch_size}", f"data.workers={args.workers}", "data.mode=epoch_exact",
-            "data.caption=txt", "train.epochs=1", "train.max_steps=null", "train.stop_after_steps=null",
+            "clip.caption=txt", "train.epochs=1", "train.max_steps=null", "train.stop_after_steps=null",
             f"train.threads={args.threads}", f"train.precision={args.precision}", f"train.device={args.device}",
             "train.log_every=1",
             "train.checkpoint_every=1000000", "resume=null"]
@@ -86,7 +86,7 @@ def open_clip_command(args, cfg, model_dir: Path, logs: Path, name: str) -> list
             "--logs", str(logs), "--name", name, "--report-to", "", "--seed", str(cfg.seed),
             "--lr", str(o.lr), "--wd", str(o.weight_decay), "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]),
             "--eps", str(o.eps), "--warmup", str(o.warmup_steps), "--grad-clip-norm", str(o.grad_clip or 1e9),
-            "--aug-cfg", f"scale=({cfg.data.augment.scale[0]},{cfg.data.augment.scale[1]})"]
+            "--aug-cfg", f"scale=({cfg.clip.augment.scale[0]},{cfg.clip.augment.scale[1]})"]
 
 
 def baton_step_times(run_dir: Path, batch: int) -> list[float]:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="shards (and GLIP's): the share of bad or lost samples skipped (and counted) before failing")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per forward (default 128; GLIP: the run's eval.batch_size)")
+                   help="images per forward (default 128; GLIP: the run's glip.eval.batch_size)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-grid", action="store_true", help="skip retrieval_grid.png")
     p.add_argument("--save-embeddings", action="store_true", help="also write embeddings.npy")

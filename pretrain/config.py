@@ -23,15 +23,6 @@ from pretrain.methods import method_sections
 
 
 @dataclass
-class AugmentConfig:
-    """Training augmentation, passed to open_clip's `AugmentationCfg` (eval only resizes)."""
-    scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # RandomResizedCrop area (aspect 3/4-4/3)
-    color_jitter: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.1, 0.02])  # b, c, s, hue
-    color_jitter_prob: float = bounded(0.5, ge=0, le=1)    # 0 disables colour jitter
-    gray_scale_prob: float = bounded(0.0, ge=0, le=1)      # 0 disables random grayscale
-
-
-@dataclass
 class DataConfig:
     # A directory of *.tar, one .tar, a brace pattern (dir/shard-{000000..000007}.tar) or an fsspec
     # URL; a URL ending in "/" is a shard directory whose stats.json lists the shards. Or a list of
@@ -45,7 +36,6 @@ class DataConfig:
     workers: int = bounded(2, ge=0)                    # DataLoader worker processes per rank (0 = in-process)
     image_size: Optional[int] = bounded(None, ge=1)    # None: the model's image size
     shuffle_buffer: int = bounded(500, ge=0)           # samples held for shuffling inside each worker
-    caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
     log_skipped_every_s: float = 60.0   # at most one log line per this many seconds about skipped samples
     # How workers hand images to the trainer: "uint8" (4x fewer bytes, normalised on the device),
     # "float" (normalised in the workers) or "auto": uint8 when training on a GPU, float on a CPU
@@ -60,7 +50,6 @@ class DataConfig:
     # decode_on_device: the most bytes a JPEG may have (bigger ones are skipped as too_many_bytes);
     # null: 3 x image_size^2 (the uint8 image's size), at least 64 KiB.
     decode_max_bytes: Optional[int] = bounded(None, ge=1024)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -114,30 +103,33 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out monitoring every `train.eval_every` steps (and at the end): what `method.evaluate` reads.
-    CLIP: zero-shot + image<->text retrieval (pretrain/clip/evaluation.py)."""
+    """A held-out labelled set that a method monitors every `train.eval_every` steps (and at the end),
+    kept here because several methods read one: `clip.eval` (zero-shot + image<->text retrieval,
+    pretrain/clip/evaluation.py, with its own keys beside these) and `glip.eval` (grounding and
+    detection, pretrain/glip/evaluation.py). Each method owns its copy: a key takes effect only where
+    a method reads it."""
     # Held-out labelled shards, as data.train_shards (e.g. data/emoji/test); None: no evaluation.
     shards: Any = None
     # The first N samples in shard order that pass the checks needing no decoding (an undecodable
     # image among them is then left out and counted); None: all.
     max_samples: Optional[int] = bounded(5000, ge=1)
     batch_size: int = bounded(256, gt=0)               # images / captions / prompts embedded at a time, per rank
-    # The share of the held-out samples (eval.shards, dino.knn_shards) that may be skipped (bad
+    # The share of the held-out samples (eval.shards) that may be skipped (bad
     # image or json, no caption) or lost (a truncated shard) before evaluation fails naming the
     # shards (the rule of finetuning's data.max_skipped_fraction, baton/skips.py); below it counted.
     max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)
-    chunk_size: int = bounded(1024, ge=1)              # queries scored at a time (each against all candidates)
-    # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
-    # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.
-    templates: Any = "simple"
 
 
 @dataclass
 class PretrainConfig:
     # `method: NAME` types the section NAME: by the method's own dataclass. The old layout's
     # sections: `model:` was CLIP's, `dino:` DINO's.
+    # `eval:`, `data.caption` and `data.augment` were engine keys that only some methods read; they
+    # are the methods' own now (`clip.eval`, `clip.caption`, `clip.augment`, `glip.eval`,
+    # `dino.knn_max_skipped_fraction`: each section's FROM_SHARED_KEYS).
     CHOSEN_SECTION: ClassVar[ChosenSection] = ChosenSection("method", method_sections,
-                                                            old_sections={"model": "clip", "dino": "dino"})
+                                                            old_sections={"model": "clip", "dino": "dino"},
+                                                            moved_keys=("eval", "data.caption", "data.augment"))
 
     run_dir: str = "runs/pretrain"
     seed: int = 0
@@ -147,7 +139,6 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def method_section(self) -> Any:

@@ -26,7 +26,8 @@ import torch
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
-from pretrain.clip.evaluation import EvalConfig, count_hits, evaluate_clip, resolve_templates
+from pretrain.clip.config import ClipEvalConfig as EvalConfig
+from pretrain.clip.evaluation import count_hits, evaluate_clip, resolve_templates
 from pretrain.data.labelled import read_labelled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def tiny_clip(seed: int = 0):
     """(model, eval transform, tokenizer) of a seeded random tiny CLIP."""
     from pretrain.clip.model import build_clip, build_tokenizer, build_transforms, preprocess_cfg
     from pretrain.clip.config import ClipConfig
-    from pretrain.config import AugmentConfig
+    from pretrain.clip.config import AugmentConfig
 
     mcfg = ClipConfig(name="test-tiny", config=TINY)
     torch.manual_seed(seed)
@@ -210,19 +211,19 @@ def test_count_hits_equals_brute_force_on_random_ties():
 
 def test_config_errors(tmp_path, labelled_shards):
     model, preprocess, tokenizer = tiny_clip()
-    with pytest.raises(BatonError, match=r"eval.shards.*not found"):
+    with pytest.raises(BatonError, match=r"clip.eval.shards.*not found"):
         evaluate_clip(model, EvalConfig(shards=str(tmp_path / "nowhere.tar")), DistInfo(), preprocess, tokenizer)
-    with pytest.raises(BatonError, match=r"eval.templates"):
+    with pytest.raises(BatonError, match=r"clip.eval.templates"):
         evaluate_clip(model, EvalConfig(shards=str(labelled_shards), templates=["no slot"]), DistInfo(),
                       preprocess, tokenizer)
-    with pytest.raises(BatonError, match=r"eval.templates"):
+    with pytest.raises(BatonError, match=r"clip.eval.templates"):
         resolve_templates("imagenet")
     assert len(resolve_templates("openai")) == 80
 
 
 @pytest.mark.slow
 def test_pretraining_logs_the_evaluation(tmp_path, synthetic_shards):
-    """`baton pretrain` with eval.shards evaluates every train.eval_every steps and at the end, logging
+    """`baton pretrain` with clip.eval.shards evaluates every train.eval_every steps and at the end, logging
     the metrics evaluate_clip gives for the model of that step."""
     from baton.checkpoint import load_checkpoint
     from baton.cli import main as cli_main
@@ -231,7 +232,7 @@ def test_pretraining_logs_the_evaluation(tmp_path, synthetic_shards):
 
     cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "run", synthetic_shards,
                             train={"eval_every": 5, "checkpoint_every": 100})  # 8 steps
-    assert cli_main(["pretrain", str(cfg), f"eval.shards={synthetic_shards}", "eval.max_samples=24"]) == 0
+    assert cli_main(["pretrain", str(cfg), f"clip.eval.shards={synthetic_shards}", "clip.eval.max_samples=24"]) == 0
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/zeroshot_top1" in r]
     assert [r["step"] for r in rows] == [5, 8]
     state, _ = load_checkpoint(tmp_path / "run")   # the step-8 model, evaluated again directly

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from baton.errors import BatonError
-from pretrain.config import AugmentConfig
+from pretrain.clip.config import AugmentConfig
 from pretrain.data import Rejected, SampleToPair
 from pretrain.data.device_decode import DeviceImages, EncodedJpegToPair, decode_jpegs, max_encoded_bytes
 from pretrain.data.uint8_images import BatchNormalize, split_normalize

@@ -110,14 +110,12 @@ def test_pretraining_eval_shards_fail_past_the_skipped_fraction(tmp_path, synthe
     bad = tmp_path / "bad"
     write_bad_shards(bad)
     cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "run", synthetic_shards,
-                            train={"max_steps": 1, "eval_every": 1})
-    text = cfg.read_text() + f"eval:\n  shards: {bad}\n  batch_size: 8\n"
-    cfg.write_text(text)
+                            train={"max_steps": 1, "eval_every": 1}, clip={"eval": {"shards": str(bad), "batch_size": 8}})
     assert cli_main(["pretrain", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "more than 0.01 (eval.max_skipped_fraction)" in err and "shard-000001.tar" in err
+    assert "more than 0.01 (clip.eval.max_skipped_fraction)" in err and "shard-000001.tar" in err
     assert "Traceback" not in err
-    assert cli_main(["pretrain", str(cfg), f"run_dir={tmp_path / 'lenient'}", "eval.max_skipped_fraction=0.9"]) == 0
+    assert cli_main(["pretrain", str(cfg), f"run_dir={tmp_path / 'lenient'}", "clip.eval.max_skipped_fraction=0.9"]) == 0
     row = [r for r in read_metrics(tmp_path / "lenient" / "metrics.jsonl") if "eval/skipped" in r][-1]
     assert row["eval/skipped"] == sum(1 for _, e in BAD_SAMPLES.values() if e) + 1   # + the unreadable shard
 

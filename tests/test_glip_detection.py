@@ -102,7 +102,8 @@ def test_zero_shot_map_of_a_perfect_model_is_one(tokenizer):
         img[0, 0, 0] = i
         scenes.append((img, objs))
     cfg = PretrainConfig(method="glip")
-    cfg.glip, cfg.eval.batch_size = tiny_glip(max_tokens=8), 3   # 8 tokens: several prompts, two batches
+    cfg.glip = tiny_glip(max_tokens=8)
+    cfg.glip.eval.batch_size = 3   # 8 tokens: several prompts, two batches
     method = GlipMethod(cfg, DistInfo())
     scores = zero_shot_map(Oracle(scenes, tokenizer), method, scenes, torch.device("cpu"))
     assert scores["zero_shot_classes"] == 4

@@ -77,7 +77,7 @@ def run_engine(shards: Path, run_dir: Path, *overrides: str) -> int:
         f"data.train_shards={shards}", f"run_dir={run_dir}", "method=glip", "data.batch_size=8", "data.workers=1",
         "train.epochs=2", "train.log_every=2", "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3",
         "optim.weight_decay=0.01", *overrides])
-    cfg.glip = tiny_glip()
+    cfg.glip = tiny_glip(eval=cfg.glip.eval)   # the overrides' glip.eval.*
     return train(cfg)
 
 
@@ -90,7 +90,7 @@ def trained_run(grounding_shards, tmp_path_factory) -> Path:
     """40 steps over the 48 scenes, evaluated on them at the end."""
     run = tmp_path_factory.mktemp("glip_run") / "run"
     assert run_engine(grounding_shards, run, "train.epochs=7", "train.max_steps=40", "train.eval_every=40",
-                      f"eval.shards={grounding_shards}", "eval.batch_size=16") == 0
+                      f"glip.eval.shards={grounding_shards}", "glip.eval.batch_size=16") == 0
     return run
 
 
@@ -109,7 +109,8 @@ def test_loss_falls_and_grounding_recall_rises(grounding_shards, trained_run):
     assert all(r["grounding_r1"] <= r["grounding_r5"] <= 1 for r in evaluated), evaluated   # logged with R@1
 
     cfg = PretrainConfig(method="glip")
-    cfg.glip, cfg.eval.shards, cfg.eval.batch_size = tiny_glip(), str(grounding_shards), 16
+    cfg.glip = tiny_glip()
+    cfg.glip.eval.shards, cfg.glip.eval.batch_size = str(grounding_shards), 16
     method = GlipMethod(cfg, DistInfo())
     torch.manual_seed(0)
     untrained = method.build_model().eval()

@@ -2,7 +2,7 @@
 
 The reader (`read_labelled(grounding=True)`): a corrupt scene (an undecodable image, a record that
 is not JSON, a region without a box) is skipped and counted, naming its shard; past
-eval.max_skipped_fraction evaluation stops naming the shard; two ranks split the scenes and sum
+glip.eval.max_skipped_fraction evaluation stops naming the shard; two ranks split the scenes and sum
 what each skipped. `baton evaluate GLIP_RUN` writes what `evaluate_glip` gives for the run's model
 with the flags' values, from a run directory or its export, and refuses the retrieval flags (and
 the GLIP flags for other models) by name."""
@@ -56,9 +56,10 @@ def glip_method(eval_shards, **eval_keys):
     from pretrain.glip.method import GlipMethod
 
     cfg = PretrainConfig(method="glip")
-    cfg.glip, cfg.eval.shards, cfg.eval.batch_size = tiny_glip(), str(eval_shards), 16
+    cfg.glip = tiny_glip()
+    cfg.glip.eval.shards, cfg.glip.eval.batch_size = str(eval_shards), 16
     for k, v in eval_keys.items():
-        setattr(cfg.eval, k, v)
+        setattr(cfg.glip.eval, k, v)
     return GlipMethod(cfg, DistInfo())
 
 
@@ -103,7 +104,7 @@ def test_a_corrupt_scene_is_skipped_counted_and_past_the_limit_stops_naming_the_
 
     with pytest.raises(BatonError) as e:   # 3 of 48 > the default 1 %
         evaluate_glip(model, glip_method(bad_dir), torch.device("cpu"))
-    assert BAD in str(e.value) and "eval.max_skipped_fraction" in str(e.value)
+    assert BAD in str(e.value) and "glip.eval.max_skipped_fraction" in str(e.value)
     assert "'bad_image': 1" in str(e.value) and "'bad_json': 2" in str(e.value)
 
 
@@ -120,17 +121,17 @@ def test_two_ranks_split_the_scenes_and_sum_their_skips(shards, corrupt, monkeyp
     bad_dir, _ = corrupt
     method = glip_method(bad_dir, max_skipped_fraction=0.1)
     _, one_set = read_eval_set(method, 0, 1)
-    assert one_set.check_skipped_over_ranks(0.1, "eval.shards") == Counter({"bad_json": 2, "bad_image": 1})
+    assert one_set.check_skipped_over_ranks(0.1, "glip.eval.shards") == Counter({"bad_json": 2, "bad_image": 1})
     parts = [read_eval_set(method, r, 2) for r in (0, 1)]
     assert sum(len(scenes) for scenes, _ in parts) == 45
     # with the ranks' counts gathered, each rank reaches the one-process total
     owned = [(dict(s.owner_progress.rejected), dict(s.owner_bad_by_shard)) for _, s in parts]
     monkeypatch.setattr(labelled, "all_gather_object", lambda obj: owned)
-    totals = [s.check_skipped_over_ranks(0.1, "eval.shards") for _, s in parts]
+    totals = [s.check_skipped_over_ranks(0.1, "glip.eval.shards") for _, s in parts]
     assert totals[0] == totals[1] == Counter({"bad_json": 2, "bad_image": 1})
     assert sum(s.owner_progress.rejected.total() for _, s in parts) == 2    # found by the decoding ranks only
     with pytest.raises(BatonError, match=BAD):
-        parts[1][1].check_skipped_over_ranks(0.01, "eval.shards")
+        parts[1][1].check_skipped_over_ranks(0.01, "glip.eval.shards")
 
 
 # ------------------------------------------------------------------ baton evaluate GLIP_RUN
@@ -138,7 +139,7 @@ def test_two_ranks_split_the_scenes_and_sum_their_skips(shards, corrupt, monkeyp
 @pytest.fixture(scope="module")
 def glip_run(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("glip") / "run"
-    assert run_engine(shards, run, "train.max_steps=3", "train.epochs=1", f"eval.shards={shards}") == 0
+    assert run_engine(shards, run, "train.max_steps=3", "train.epochs=1", f"glip.eval.shards={shards}") == 0
     return run
 
 
@@ -148,10 +149,13 @@ def reference_scores(run: Path, shards, **changes) -> dict:
     from pretrain.glip.ground import load_run
 
     method, model = load_run(run)
-    method.cfg.eval.shards, method.cfg.eval.max_samples = str(shards), None
+    method.glip.eval.shards, method.glip.eval.max_samples = str(shards), None
     for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(method.cfg, section), name, value)
+        *path, name = key.split(".")
+        node = method.cfg
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, name, value)
     return evaluate_glip(model, method, torch.device("cpu"))
 
 
@@ -161,7 +165,7 @@ def evaluate(*args: str) -> int:
 
 def test_evaluate_a_glip_run_writes_its_grounding_and_detection_scores(glip_run, shards, tmp_path, capsys):
     pytest.importorskip("torchmetrics")
-    assert evaluate(str(glip_run), "--out", str(tmp_path / "own")) == 0     # the run's own eval.shards
+    assert evaluate(str(glip_run), "--out", str(tmp_path / "own")) == 0     # the run's own glip.eval.shards
     got = json.loads((tmp_path / "own" / "metrics.json").read_text())
     want = reference_scores(glip_run, shards)
     assert {k: got[k] for k in want} == want
@@ -184,12 +188,12 @@ def test_every_glip_flag_takes_effect(glip_run, shards, corrupt, tmp_path, capsy
     assert evaluate(str(glip_run), "--shards", str(shards), "--max-samples", "16", "--detection-classes", "0",
                     "--nms-iou", "0.3", "--batch-size", "5", "--device", "cpu", "--out", str(out)) == 0
     got = json.loads((out / "metrics.json").read_text())
-    want = reference_scores(glip_run, shards, **{"eval.max_samples": 16, "glip.detection_classes": 0,
+    want = reference_scores(glip_run, shards, **{"glip.eval.max_samples": 16, "glip.detection_classes": 0,
                                                  "glip.nms_iou": 0.3})
     assert {k: got[k] for k in want} == want and "zero_shot_map" not in got
     assert seen[0] == (16, 5, 0.3) and seen[1][::2] == (16, 0.3)     # the CLI's call, then the reference's
     assert got["grounding_regions"] == reference_regions(shards, first=16)
-    assert "glip.nms_iou=0.3" in got["overrides"] and "eval.batch_size=5" in got["overrides"]
+    assert "glip.nms_iou=0.3" in got["overrides"] and "glip.eval.batch_size=5" in got["overrides"]
     bad_dir, _ = corrupt
     assert evaluate(str(glip_run), "--shards", str(bad_dir), "--detection-classes", "0", "--out", str(out)) == 2
     err = capsys.readouterr().err

@@ -22,10 +22,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def old_layout(cfg) -> str:
     """`cfg` as the config.yaml a run wrote before methods owned their sections: the CLIP section
-    under `model:`, and a `dino:` section of defaults in every config."""
+    under `model:` with its eval, caption and augment keys in the engine's `eval:` and `data:`, and
+    a `dino:` section of defaults in every config."""
     node = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
     if "clip" in node:
         node["model"] = node.pop("clip")
+        node["eval"] = node["model"].pop("eval")
+        node["data"]["caption"], node["data"]["augment"] = node["model"].pop("caption"), node["model"].pop("augment")
     else:
         node["model"] = {"name": "ViT-B-16", "config": None, "pretrained": None}
     node.setdefault("dino", OmegaConf.to_container(OmegaConf.structured(DinoConfig)))
@@ -41,6 +44,8 @@ def test_old_and_new_clip_layouts_load_to_equal_configs(tmp_path, caplog):
     assert old == new and type(old) is type(new)
     assert "config key 'model' is now spelled 'clip'" in caplog.text
     assert "'dino' is not read any more" in caplog.text
+    for old, new in (("eval", "clip.eval"), ("data.caption", "clip.caption"), ("data.augment", "clip.augment")):
+        assert f"config key '{old}' is now spelled '{new}'" in caplog.text
     # an old override spelling moves with its section
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="baton"):
@@ -163,3 +168,55 @@ def test_method_section_reads_the_dataclass_a_mapping_or_nothing():
     assert method_section(SimpleNamespace(), "glip", GlipConfig) == GlipConfig()
     with pytest.raises(BatonError, match="config key 'glip': .*valid keys: .*backbone"):
         method_section(SimpleNamespace(glip={"no_such_key": 1}), "glip", GlipConfig)
+
+
+def test_keys_the_engine_held_for_one_method_are_that_methods_own(tmp_path, caplog):
+    """eval:, data.caption and data.augment were engine keys; now clip.eval, clip.caption,
+    clip.augment, glip.eval and dino.knn_max_skipped_fraction. Old recipes and overrides are read as
+    those with a warning naming the new key; what the chosen method never read is left out with a
+    warning; both spellings at once are refused."""
+    old = tmp_path / "old.yaml"
+    old.write_text("method: glip\ndata: {caption: random, augment: {scale: [0.5, 1.0]}}\n"
+                   "eval: {shards: held/out, max_samples: 7, batch_size: 3, max_skipped_fraction: 0.2, templates: openai}\n")
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        glip = load_config(PretrainConfig, old)
+    assert (glip.glip.eval.shards, glip.glip.eval.max_samples, glip.glip.eval.batch_size,
+            glip.glip.eval.max_skipped_fraction) == ("held/out", 7, 3, 0.2)
+    assert not hasattr(glip, "eval") and not hasattr(glip.data, "caption") and not hasattr(glip.data, "augment")
+    for key in ("shards", "max_samples", "batch_size", "max_skipped_fraction"):
+        assert f"config key 'eval.{key}' is now spelled 'glip.eval.{key}'" in caplog.text
+    for key in ("eval", "data.caption", "data.augment"):   # CLIP's keys: GLIP never read them
+        assert f"config key '{key}' is not read any more and was left out: method=glip does not read it" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        dino = load_config(PretrainConfig, CONFIGS / "dino_demo.yaml", ["eval.max_skipped_fraction=0.3",
+                                                                          "eval.shards=x", "data.caption=random"])
+    assert dino.dino.knn_max_skipped_fraction == 0.3
+    assert "'eval.max_skipped_fraction' is now spelled 'dino.knn_max_skipped_fraction'" in caplog.text
+    assert "override 'eval.shards=x': config key 'eval' is not read any more" in caplog.text
+    assert "override 'data.caption=random': config key 'data.caption' is not read any more" in caplog.text
+
+    clip = load_config(PretrainConfig, CONFIGS / "demo_clip.yaml", ["eval.templates=openai", "data.caption=txt",
+                                                                      "data.augment.gray_scale_prob=0.5"])
+    assert (clip.clip.eval.templates, clip.clip.caption, clip.clip.augment.gray_scale_prob) == ("openai", "txt", 0.5)
+    (tmp_path / "both.yaml").write_text("data: {caption: txt}\nclip: {caption: random}\n")
+    with pytest.raises(BatonError, match="sets both 'data.caption' and 'clip.caption'"):
+        load_config(PretrainConfig, tmp_path / "both.yaml")
+
+
+def test_dino_knn_monitor_reads_its_own_skipped_fraction(monkeypatch):
+    """dino.knn_max_skipped_fraction is the limit the k-NN monitor of a DINO run checks."""
+    from types import SimpleNamespace
+
+    from baton.distributed import DistInfo
+    from pretrain.dino.method import DinoMethod
+    from pretrain.dino.monitor import KnnMonitor
+    from test_dino import tiny_config
+
+    seen = []
+    monkeypatch.setattr(KnnMonitor, "__call__", lambda self, backbone, device: seen.append(self.max_skipped_fraction) or {})
+    cfg = SimpleNamespace(dino=tiny_config(knn_shards="held/out", knn_max_skipped_fraction=0.25),
+                          data=SimpleNamespace(num_samples=64, batch_size=8, train_shards=None))
+    method = DinoMethod(cfg, DistInfo())
+    assert method.evaluate(method.build_model(), 0) == {} and seen == [0.25]

@@ -27,8 +27,8 @@ TINY_MODEL = {
 
 
 def write_tiny_config(path: Path, run_dir: Path, shards: str | Path, **sections) -> Path:
-    """A YAML config for TINY_MODEL on `shards`; `sections` update data/optim/train keys."""
-    cfg = {"run_dir": str(run_dir), "seed": 0, "clip": TINY_MODEL,
+    """A YAML config for TINY_MODEL on `shards`; `sections` update clip/data/optim/train keys."""
+    cfg = {"run_dir": str(run_dir), "seed": 0, "clip": dict(TINY_MODEL),
            "data": {"train_shards": str(shards), "batch_size": 8, "workers": 0, "shuffle_buffer": 32},
            "optim": {"lr": 1e-3, "warmup_steps": 2},
            "train": {"epochs": 1, "checkpoint_every": 100, "log_every": 1, "device": "cpu"}}
@@ -42,7 +42,7 @@ def write_tiny_config(path: Path, run_dir: Path, shards: str | Path, **sections)
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, synthetic_shards):
     """Interrupt mid-epoch, resume=latest from an earlier checkpoint: same final state, bit for bit."""
     cfg = write_tiny_config(tmp_path / "c.yaml", tmp_path / "unused", synthetic_shards,
-                            data={"workers": 2, "caption": "random"},
+                            data={"workers": 2}, clip={"caption": "random"},
                             train={"epochs": 2, "checkpoint_every": 5})  # 8 steps/epoch, 16 in all
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert cli_main(["pretrain", str(cfg), f"run_dir={full}"]) == 0
@@ -110,10 +110,10 @@ def test_loader_is_deterministic_and_epochs_differ(synthetic_shards):
     from pretrain.data import SampleToPair, make_loader, resolve_shards
 
     cfg = load_config(PretrainConfig, overrides=[f"data.train_shards={synthetic_shards}", "data.batch_size=8",
-                                                 "data.workers=2", "data.caption=random"])
+                                                 "data.workers=2", "clip.caption=random"])
     cfg.clip.config = TINY_MODEL["config"]
     pp = preprocess_cfg(build_clip(cfg.clip))
-    to_pair = SampleToPair(build_transforms(pp, cfg.data.augment)[0], build_tokenizer(cfg.clip), "random")
+    to_pair = SampleToPair(build_transforms(pp, cfg.clip.augment)[0], build_tokenizer(cfg.clip), "random")
     shards = resolve_shards(cfg.data.train_shards)
     assert len(shards.urls) == 4 and shards.num_samples == 64
 
@@ -175,8 +175,8 @@ def test_clear_errors(tmp_path, synthetic_shards, capsys):
     assert str(tmp_path / "no_shards_here") in err and "baton shards" in err
     assert not (tmp_path / "run").exists()  # nothing written before the data is found
 
-    assert cli_main(["pretrain", str(cfg), f"data.train_shards={synthetic_shards}", "data.caption=best"]) == 2
-    assert "data.caption" in capsys.readouterr().err
+    assert cli_main(["pretrain", str(cfg), f"data.train_shards={synthetic_shards}", "clip.caption=best"]) == 2
+    assert "clip.caption" in capsys.readouterr().err
 
     assert cli_main(["export", str(tmp_path / "no_run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

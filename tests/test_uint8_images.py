@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pretrain.config import AugmentConfig
+from pretrain.clip.config import AugmentConfig
 from pretrain.data import decode_image, seeded_transform
 from pretrain.data.uint8_images import BatchNormalize, split_normalize
 from pretrain.dino.augment import MultiCrop

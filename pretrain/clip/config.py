@@ -2,20 +2,43 @@
 
 Registered with the method in `pretrain/methods.py`; the engine's keys (data, optim, train, eval)
 stay in `pretrain/config.py`. Before this section was the CLIP method's own, it was the top-level
-`model:` section of every pretraining config; that spelling is still read, with a warning.
+`model:` section of every pretraining config; that spelling is still read, with a warning. The
+engine's `eval:`, `data.caption` and `data.augment`, which only CLIP read, are `clip.eval`,
+`clip.caption` and `clip.augment` now (FROM_SHARED_KEYS: the old spellings are read, with a warning).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, List, Optional
 
 from baton.config import bounded
+from pretrain.config import EvalConfig
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation, passed to open_clip's `AugmentationCfg` (eval only resizes)."""
+    scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # RandomResizedCrop area (aspect 3/4-4/3)
+    color_jitter: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.1, 0.02])  # b, c, s, hue
+    color_jitter_prob: float = bounded(0.5, ge=0, le=1)    # 0 disables colour jitter
+    gray_scale_prob: float = bounded(0.0, ge=0, le=1)      # 0 disables random grayscale
+
+
+@dataclass
+class ClipEvalConfig(EvalConfig):
+    """CLIP's held-out monitoring: zero-shot classification + image<->text retrieval on `shards`."""
+    chunk_size: int = bounded(1024, ge=1)              # queries scored at a time (each against all candidates)
+    # "simple": open_clip's SIMPLE_IMAGENET_TEMPLATES (7 prompts), "openai": its
+    # OPENAI_IMAGENET_TEMPLATES (80), or a list of format strings with one "{}" for the class name.
+    templates: Any = "simple"
 
 
 @dataclass
 class ClipConfig:
-    """The open_clip model CLIP trains (pretrain/clip/model.py)."""
+    """The open_clip model CLIP trains (pretrain/clip/model.py), its captions, augmentation and held-out monitoring."""
+    FROM_SHARED_KEYS: ClassVar[dict] = {"eval": "clip.eval", "data.caption": "clip.caption",
+                                        "data.augment": "clip.augment"}
     # open_clip model name, or open_clip's local-dir:DIR (a baton CLIP export: continue pretraining it) /
     # hf-hub:ORG/NAME (config, weights and preprocessing from there), or a label when `config` is set
     name: str = "ViT-B-16"
@@ -35,3 +58,7 @@ class ClipConfig:
     # open_clip_train's --accum-freq and GradCache (each micro-batch forwarded twice). micro_batch:
     # each micro-batch's own loss (data.batch_size x ranks pairs), its gradients summed; one forward.
     accum_loss: str = "full_batch"
+    caption: str = "txt"                # "txt" | "random" (one of txt + json["captions"], seeded)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # every train.eval_every steps (and at the end), on eval.shards (None: no evaluation)
+    eval: ClipEvalConfig = field(default_factory=ClipEvalConfig)

@@ -37,7 +37,7 @@ from torch import nn
 
 from baton.distributed import DistInfo, all_reduce
 from baton.errors import BatonError
-from pretrain.config import EvalConfig
+from pretrain.clip.config import ClipEvalConfig
 from pretrain.data.labelled import LabelledSample, read_labelled
 from pretrain.data.samples import decode_image
 
@@ -45,19 +45,19 @@ KS = (1, 5)
 
 
 def resolve_templates(templates: Any) -> Sequence[Callable[[str], str] | str]:
-    """`eval.templates` -> what `build_zero_shot_classifier` takes (open_clip's own lists where named)."""
+    """`clip.eval.templates` -> what `build_zero_shot_classifier` takes (open_clip's own lists where named)."""
     from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     named = {"simple": SIMPLE_IMAGENET_TEMPLATES, "openai": OPENAI_IMAGENET_TEMPLATES}
     if isinstance(templates, str):
         if templates not in named:
-            raise BatonError(f"eval.templates must be 'simple', 'openai' or a list of format strings "
+            raise BatonError(f"clip.eval.templates must be 'simple', 'openai' or a list of format strings "
                              f"like ['a photo of a {{}}.'], not {templates!r}")
         return tuple(named[templates])
     items = list(templates or [])
     bad = [t for t in items if not isinstance(t, str) or t.count("{}") != 1]
     if not items or bad:
-        raise BatonError(f"eval.templates: each template needs exactly one '{{}}' for the class name "
+        raise BatonError(f"clip.eval.templates: each template needs exactly one '{{}}' for the class name "
                          f"(e.g. 'a photo of a {{}}.'); got {bad[0] if bad else items!r}")
     return items
 
@@ -145,7 +145,7 @@ def _embed_owned(model: nn.Module, owned: list[LabelledSample], preprocess: Call
 
 
 @torch.no_grad()
-def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess: Callable, tokenizer: Callable,
+def evaluate_clip(model: nn.Module, ecfg: ClipEvalConfig, info: DistInfo, preprocess: Callable, tokenizer: Callable,
                   autocast: Callable = nullcontext) -> dict[str, float]:
     """Zero-shot top-1/top-5 and image<->text Recall@1/@5 of `model` on `ecfg.shards`; every rank returns
     the same dict (every rank of a distributed run must call it: it uses collectives).
@@ -160,11 +160,11 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
     from open_clip import build_zero_shot_classifier
 
     if not ecfg.shards:
-        raise BatonError("eval.shards is not set: point it at held-out labelled shards (e.g. data/emoji/test)")
+        raise BatonError("clip.eval.shards is not set: point it at held-out labelled shards (e.g. data/emoji/test)")
     if ecfg.batch_size < 1 or ecfg.chunk_size < 1:
-        raise BatonError(f"eval.batch_size and eval.chunk_size must be >= 1, not {ecfg.batch_size}, {ecfg.chunk_size}")
+        raise BatonError(f"clip.eval.batch_size and clip.eval.chunk_size must be >= 1, not {ecfg.batch_size}, {ecfg.chunk_size}")
     templates = resolve_templates(ecfg.templates)
-    data = read_labelled(ecfg.shards, ecfg.max_samples, info.rank, info.world_size)
+    data = read_labelled(ecfg.shards, ecfg.max_samples, info.rank, info.world_size, key="clip.eval.shards")
     device = info.device
     was_training = model.training
     model.eval()
@@ -179,7 +179,7 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
 
         all_index = _gather_rows(local_index, info)
         if all_index.numel() == 0:
-            raise BatonError(f"eval.shards={ecfg.shards!r}: no held-out image could be decoded "
+            raise BatonError(f"clip.eval.shards={ecfg.shards!r}: no held-out image could be decoded "
                              f"({bad} bad on rank {info.rank}); rewrite the shards with `baton shards`")
         all_images, all_texts = _gather_rows(local_images, info), _gather_rows(local_texts, info)
         valid = sorted(all_index.tolist())
@@ -219,7 +219,7 @@ def evaluate_clip(model: nn.Module, ecfg: EvalConfig, info: DistInfo, preprocess
         model.train(was_training)
     n = len(valid)
     i2t, t2i, zs, bad_images = totals[:2].tolist(), totals[2:4].tolist(), totals[4:6].tolist(), int(totals[6])
-    data.check_skipped(ecfg.max_skipped_fraction, f"eval.shards={ecfg.shards!r}", "eval.max_skipped_fraction",
+    data.check_skipped(ecfg.max_skipped_fraction, f"clip.eval.shards={ecfg.shards!r}", "clip.eval.max_skipped_fraction",
                        bad_images=bad_images)
     out = {f"eval/zeroshot_top{k}": zs[j] / n for j, k in enumerate(KS)}
     out.update({f"eval/image_to_text_R@{k}": i2t[j] / n for j, k in enumerate(KS)})

@@ -60,18 +60,18 @@ class ClipMethod(PretrainMethod):
         return model
 
     def sample_map(self, model: nn.Module) -> SampleToPair:
-        train_transform = build_transforms(preprocess_cfg(model), self.cfg.data.augment)[0]
+        train_transform = build_transforms(preprocess_cfg(model), self.cfg.clip.augment)[0]
         if self.cfg.data.decode_on_device:   # JPEG bytes to the training process (pretrain/data/device_decode.py)
             from pretrain.data.device_decode import DeviceImages, EncodedJpegToPair, max_encoded_bytes
 
             _, self.batch_normalize = split_normalize(train_transform)   # on the device, after decoding
             self._device_images = DeviceImages(train_transform, self.info.device)
             size = preprocess_cfg(model)["image_size"]
-            return EncodedJpegToPair(build_tokenizer(self.cfg.clip), self.cfg.data.caption,
+            return EncodedJpegToPair(build_tokenizer(self.cfg.clip), self.cfg.clip.caption,
                                      max_encoded_bytes(self.cfg.data.decode_max_bytes, size))
         # The transform stops at a uint8 tensor; place_normalization says who normalises it.
         transform, normalize = split_normalize(train_transform)
-        return SampleToPair(transform, build_tokenizer(self.cfg.clip), self.cfg.data.caption,
+        return SampleToPair(transform, build_tokenizer(self.cfg.clip), self.cfg.clip.caption,
                             row_normalize=self.place_normalization(normalize))
 
     def from_loader(self, batch: tuple, keys: list[str]) -> tuple:
@@ -152,18 +152,18 @@ class ClipMethod(PretrainMethod):
         return write_handoff(out, model.visual.state_dict(), meta)
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Zero-shot top-1/5 and image<->text Recall@1/5 on `eval.shards` (pretrain/clip/evaluation.py)."""
-        if not self.cfg.eval.shards:
+        """Zero-shot top-1/5 and image<->text Recall@1/5 on `clip.eval.shards` (pretrain/clip/evaluation.py)."""
+        if not self.cfg.clip.eval.shards:
             return {}
         from pretrain.clip.evaluation import evaluate_clip
 
         if self._eval_tools is None:  # built once: the eval transform (resize, no augmentation) and tokenizer
-            self._eval_tools = (build_transforms(preprocess_cfg(model), self.cfg.data.augment)[1],
+            self._eval_tools = (build_transforms(preprocess_cfg(model), self.cfg.clip.augment)[1],
                                 build_tokenizer(self.cfg.clip))
         was_training = model.training
         model.eval()
         try:
-            return evaluate_clip(model, self.cfg.eval, self.info, *self._eval_tools)
+            return evaluate_clip(model, self.cfg.clip.eval, self.info, *self._eval_tools)
         finally:
             model.train(was_training)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from pretrain.clip.config import ClipConfig
-from pretrain.config import AugmentConfig
+from pretrain.clip.config import AugmentConfig
 
 # CLIP caps the learned temperature at 100 (open_clip_train clamps after every step).
 MAX_LOGIT_SCALE = math.log(100)

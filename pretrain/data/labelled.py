@@ -1,6 +1,6 @@
 """Labelled shards, for every stage that reads them: (index, caption, class, image bytes) in a fixed order.
 
-One reader for pretraining's held-out sets (`eval.shards`, `dino.knn_shards`) and finetuning's
+One reader for pretraining's held-out sets (`clip.eval.shards`, `dino.knn_shards`) and finetuning's
 train and test splits (`data.source=shards`, `baton evaluate`), so that the same shards give the
 same samples, in the same order, everywhere. It reads through the training loader's path
 (`samples.shard_files`: fsspec with `baton.remote`'s timeouts, so local paths, http(s) and s3 all
@@ -24,7 +24,7 @@ the shards once more than a fraction of the samples is lost.
 
 The class of a sample is `key.json["class"]`, or (unless `class_required`) its caption `key.txt`.
 
-Grounding shards (`grounding=True`: GLIP's `eval.shards` and `baton evaluate` of a GLIP run) are
+Grounding shards (`grounding=True`: GLIP's `glip.eval.shards` and `baton evaluate` of a GLIP run) are
 read by the same code, so they get the same order, rank split and skip rule: a sample needs
 `key.json` holding a grounding record (`grounding_record`: a `caption` string and a `regions` list;
 else `bad_json`, or `missing_caption` for an empty caption), its caption is the record's, and the
@@ -130,7 +130,7 @@ class LabelledSet:
         self.owner_bad_by_shard[sample.url] += 1
 
     def check_skipped_over_ranks(self, max_fraction: Optional[float], where: str,
-                                 fraction_key: str = "eval.max_skipped_fraction") -> Counter:
+                                 fraction_key: str = "clip.eval.max_skipped_fraction") -> Counter:
         """`check_skipped` with every rank's `skip_owned` counts added (a collective: every rank
         calls it); returns the skips by reason of the whole set, the same on every rank."""
         skipped, by_shard = Counter(self.skipped), Counter(self.bad_by_shard)
@@ -221,7 +221,7 @@ def _count_short_shards(data: LabelledSet, urls: list[str], counts: dict[str, in
 
 
 def read_labelled(shards: Any, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                  key: str = "eval.shards", caption_required: bool = True,
+                  key: str = "clip.eval.shards", caption_required: bool = True,
                   class_required: bool = False, grounding: bool = False) -> LabelledSet:
     """The labelled samples of `shards` (a path, URL, brace pattern or list, as `data.train_shards`).
 

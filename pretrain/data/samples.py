@@ -186,7 +186,7 @@ class SampleToPair:
 
     def __init__(self, transform: Callable, tokenizer: Callable, caption: str, row_normalize: Callable | None = None):
         if caption not in ("txt", "random"):
-            raise BatonError(f"data.caption must be 'txt' or 'random', not {caption!r}")
+            raise BatonError(f"clip.caption must be 'txt' or 'random', not {caption!r}")
         self.transform, self.tokenizer, self.caption = transform, tokenizer, caption
         self.row_normalize = row_normalize
 

@@ -12,9 +12,10 @@ by the cosine weight-decay schedule below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from baton.config import bounded
+from baton.skips import MAX_SKIPPED_FRACTION
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -22,6 +23,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass
 class DinoConfig:
+    # of the engine's `eval:` keys, DINO read only max_skipped_fraction (for knn_shards)
+    FROM_SHARED_KEYS: ClassVar[dict] = {"eval.max_skipped_fraction": "dino.knn_max_skipped_fraction"}
     """DINO's backbone, head, multi-crop, loss, schedules and k-NN monitor (facebookresearch/dino)."""
     # --- backbone: any timm model, built with num_classes=0 (pooled features, no classifier)
     backbone: str = "vit_small_patch16_224"
@@ -84,3 +87,6 @@ class DinoConfig:
     knn_batch_size: int = bounded(256, ge=1)              # images embedded at a time, per rank
     knn_k: int = bounded(20, ge=1)
     knn_temperature: float = bounded(0.07, gt=0)
+    # the share of knn_shards' samples that may be skipped (bad image or json) or lost (a truncated
+    # shard) before the monitor fails naming the shards (baton/skips.py); below it counted
+    knn_max_skipped_fraction: float = bounded(MAX_SKIPPED_FRACTION, ge=0, le=1)

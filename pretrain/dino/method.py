@@ -188,8 +188,7 @@ class DinoMethod(PretrainMethod):
         TEACHER backbone on dino.knn_shards (`pretrain.dino.monitor`); nothing when that is unset.
         Called on every rank (it all-reduces the features)."""
         if self._monitor is None:
-            limit = getattr(getattr(self.cfg, "eval", None), "max_skipped_fraction", None)  # eval.max_skipped_fraction
-            self._monitor = knn_monitor(self.dino, self.info, limit) or False
+            self._monitor = knn_monitor(self.dino, self.info) or False   # dino.knn_max_skipped_fraction
         if not self._monitor:
             return {}
         return self._monitor(unwrap(model).teacher.backbone, self.info.device)

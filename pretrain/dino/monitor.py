@@ -56,7 +56,8 @@ class KnnMonitor:
             raise BatonError("dino.knn_shards is not set: nothing to monitor")
         if cfg.knn_batch_size < 1:
             raise BatonError(f"dino.knn_batch_size must be >= 1, got {cfg.knn_batch_size}")
-        self.cfg, self.info, self.max_skipped_fraction = cfg, info, max_skipped_fraction
+        self.cfg, self.info = cfg, info
+        self.max_skipped_fraction = cfg.knn_max_skipped_fraction if max_skipped_fraction is None else max_skipped_fraction
         self.transform = eval_transform(cfg)
         self._set: LabelledSet | None = None
 
@@ -117,7 +118,7 @@ class KnnMonitor:
         names = [s.label for s in labelled.samples]
         keep = [i for i in range(len(names)) if bool(valid[i])]
         labelled.check_skipped(self.max_skipped_fraction, f"dino.knn_shards={self.cfg.knn_shards!r}",
-                               "eval.max_skipped_fraction", bad_images=len(names) - len(keep))
+                               "dino.knn_max_skipped_fraction", bad_images=len(names) - len(keep))
         memory, query = memory_query_split([names[i] for i in keep])
         if not query or not memory:
             return {"knn_samples": float(len(keep)), "knn_skipped": float(len(names) - len(keep))}
@@ -134,6 +135,6 @@ class KnnMonitor:
 
 def knn_monitor(cfg: DinoConfig, info: DistInfo, max_skipped_fraction: float | None = None) -> KnnMonitor | None:
     """The monitor of a run, or None when `dino.knn_shards` is not set. More than
-    `max_skipped_fraction` (`eval.max_skipped_fraction`) of the held-out samples skipped or lost is
+    `max_skipped_fraction` (default `dino.knn_max_skipped_fraction`) of the held-out samples skipped or lost is
     an error naming the shards."""
     return None if cfg.knn_shards is None else KnnMonitor(cfg, info, max_skipped_fraction)

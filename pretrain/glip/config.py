@@ -12,9 +12,10 @@ transformer over MiniLM's WordPiece vocabulary, 2 fusion layers. The loss consta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from baton.config import bounded
+from pretrain.config import EvalConfig
 
 # the scenes are drawn on white; the small convnet's own normalisation (pretrain/models/small_convnet.py)
 MEAN = [0.5, 0.5, 0.5]
@@ -23,6 +24,10 @@ STD = [0.25, 0.25, 0.25]
 
 @dataclass
 class GlipConfig:
+    # the engine's `eval:` keys GLIP read (held-out scenes) are its own now, `glip.eval`; CLIP's
+    # eval.chunk_size / eval.templates were never read by GLIP and are left out with a warning
+    FROM_SHARED_KEYS: ClassVar[dict] = {f"eval.{k}": f"glip.eval.{k}" for k in
+                                        ("shards", "max_samples", "batch_size", "max_skipped_fraction")}
     # --- image backbone: any timm model (built with num_classes=0); its `forward_features` map is used
     backbone: str = "small_convnet"
     # extra timm.create_model kwargs (a free mapping of timm's keys: glip.backbone_kwargs.KEY=VALUE)
@@ -66,7 +71,7 @@ class GlipConfig:
     prior_prob: float = bounded(0.01, gt=0, le=0.5)
     box_loss_weight: float = bounded(2.0, ge=0)
     centerness_loss_weight: float = bounded(1.0, ge=0)
-    # --- zero-shot detection every train.eval_every steps, on eval.shards: the first detection_classes
+    # --- zero-shot detection every train.eval_every steps, on glip.eval.shards: the first detection_classes
     # class names (sorted) among the evaluated scenes' phrases, prompted "name. name. ..." in chunks of
     # at most max_tokens tokens, mAP by torchmetrics (needs `pip install torchmetrics pycocotools`;
     # without them only grounding R@1 is logged); 0 disables it
@@ -75,3 +80,6 @@ class GlipConfig:
     nms_iou: float = bounded(0.6, gt=0, le=1)            # ... after per-class NMS at this IoU (also the NMS
                                                          # that ranks a phrase's boxes for grounding R@5) ...
     max_detections: int = bounded(100, ge=1)             # ... at most this many per image
+    # --- the held-out scenes of that monitoring (and of `baton evaluate GLIP_RUN`): glip.eval.shards
+    # (None: no evaluation), the first max_samples scenes, batch_size scenes / prompts at a time
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -6,7 +6,7 @@ above `glip.score_threshold` go through per-class NMS (`torchvision.ops.batched_
 `glip.max_detections` stay. A label set longer than one prompt (`glip.max_tokens`) is split into
 several prompts, each run separately, their detections merged per image, as GLIP does for LVIS.
 
-Zero-shot detection mAP: on `eval.shards` (held-out scenes of classes never trained on), the
+Zero-shot detection mAP: on `glip.eval.shards` (held-out scenes of classes never trained on), the
 classes are the evaluated scenes' phrases (the first `glip.detection_classes` in sorted order), the
 metric torchmetrics' `MeanAveragePrecision` (COCO mAP@[.5:.95] and mAP@.5), which synchronises
 itself over ranks.
@@ -107,7 +107,7 @@ def zero_shot_map(model, method, scenes: list[tuple[torch.Tensor, list]], device
     if not names:
         return {}
     index = {n: i for i, n in enumerate(names)}
-    batch = method.cfg.eval.batch_size
+    batch = method.glip.eval.batch_size
     for start in range(0, len(scenes), batch):
         rows = scenes[start:start + batch]
         images = torch.stack([img for img, _ in rows]).to(device)

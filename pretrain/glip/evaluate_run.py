@@ -28,8 +28,8 @@ from typing import Optional
 from baton.errors import BatonError
 
 # Beside MODEL, --out and --device, each GLIP flag sets one key of the run's config: --shards
-# eval.shards, --max-samples eval.max_samples, --batch-size eval.batch_size, --max-skipped-fraction
-# eval.max_skipped_fraction, --detection-classes glip.detection_classes, --nms-iou glip.nms_iou.
+# glip.eval.shards, --max-samples glip.eval.max_samples, --batch-size glip.eval.batch_size, --max-skipped-fraction
+# glip.eval.max_skipped_fraction, --detection-classes glip.detection_classes, --nms-iou glip.nms_iou.
 GLIP_ONLY = ("--shards", "--max-samples", "--detection-classes", "--nms-iou")
 # baton evaluate's retrieval flags: what each does there, named when a GLIP run refuses it
 DML_ONLY = {"--like": "initialises a random backbone", "--seed": "seeds a random init and the folder split",
@@ -59,7 +59,7 @@ def add_glip_arguments(p: argparse.ArgumentParser) -> None:
     """The GLIP flags on `baton evaluate`'s parser (None: the run's own value)."""
     g = p.add_argument_group("a GLIP run (grounding)")
     g.add_argument("--shards", nargs="+", default=None,
-                   help="GLIP: grounding shards (paths, URLs, brace patterns) to score; default: the run's eval.shards")
+                   help="GLIP: grounding shards (paths, URLs, brace patterns) to score; default: the run's glip.eval.shards")
     g.add_argument("--max-samples", type=positive_int, default=None,
                    help="GLIP: the first N scenes in shard order (default: all of them)")
     g.add_argument("--detection-classes", type=_number(int, 0), default=None,
@@ -120,19 +120,22 @@ def refuse_glip_flags(given: set[str], spec: str) -> None:
 
 def overridden(cfg, args: argparse.Namespace) -> list[str]:
     """Set the run's keys from the flags given; `key=value` of each (recorded in metrics.json).
-    eval.max_samples is --max-samples or None (every scene): the run's own bound was for monitoring."""
+    glip.eval.max_samples is --max-samples or None (every scene): the run's own bound was for monitoring."""
     shards = args.shards[0] if args.shards and len(args.shards) == 1 else args.shards
-    values = {"eval.shards": shards, "eval.batch_size": args.batch_size,
-              "eval.max_skipped_fraction": args.max_skipped_fraction,
+    values = {"glip.eval.shards": shards, "glip.eval.batch_size": args.batch_size,
+              "glip.eval.max_skipped_fraction": args.max_skipped_fraction,
               "glip.detection_classes": args.detection_classes, "glip.nms_iou": args.nms_iou}
     done = []
     for key, value in values.items():
         if value is not None:
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
+            *path, name = key.split(".")
+            node = cfg
+            for part in path:
+                node = getattr(node, part)
+            setattr(node, name, value)
             done.append(f"{key}={value}")
-    cfg.eval.max_samples = args.max_samples
-    return done + [f"eval.max_samples={args.max_samples}"]
+    cfg.glip.eval.max_samples = args.max_samples
+    return done + [f"glip.eval.max_samples={args.max_samples}"]
 
 
 def run_glip(args: argparse.Namespace, given: set[str], step_dir: Path) -> int:
@@ -145,21 +148,21 @@ def run_glip(args: argparse.Namespace, given: set[str], step_dir: Path) -> int:
 
     refuse_dml_flags(given, args.model)
     if "--max-skipped-fraction" not in given:
-        args.max_skipped_fraction = None      # the run's eval.max_skipped_fraction (the parser's default is DML's)
+        args.max_skipped_fraction = None      # the run's glip.eval.max_skipped_fraction (the parser's default is DML's)
     log = setup_logging()
     method, model = load_run(step_dir)
     cfg = method.cfg
     keys = overridden(cfg, args)
-    if not cfg.eval.shards:
-        raise BatonError(f"{args.model}: the run has no eval.shards; name the grounding shards to score with "
+    if not cfg.glip.eval.shards:
+        raise BatonError(f"{args.model}: the run has no glip.eval.shards; name the grounding shards to score with "
                          f"--shards (e.g. data/grounding-emoji/test)")
     device = choose_device(args.device)
-    log.info("evaluate GLIP %s on %s", step_dir, cfg.eval.shards)
-    scores = evaluate_glip(model.to(device), method, device, key="--shards" if args.shards else "eval.shards",
+    log.info("evaluate GLIP %s on %s", step_dir, cfg.glip.eval.shards)
+    scores = evaluate_glip(model.to(device), method, device, key="--shards" if args.shards else "glip.eval.shards",
                            fraction_key="--max-skipped-fraction" if args.max_skipped_fraction is not None
-                           else "eval.max_skipped_fraction of the run; --max-skipped-fraction")
+                           else "glip.eval.max_skipped_fraction of the run; --max-skipped-fraction")
     step = json.loads((step_dir / "meta.json").read_text()).get("step")   # glip_checkpoint read it
-    result = {**scores, "shards": cfg.eval.shards, "model": f"GLIP {cfg.glip.backbone} ({step_dir})",
+    result = {**scores, "shards": cfg.glip.eval.shards, "model": f"GLIP {cfg.glip.backbone} ({step_dir})",
               "model_spec": args.model, "checkpoint": str(step_dir), "step": step, "overrides": keys}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Held-out monitoring of GLIP: phrase grounding Recall@1 and Recall@5 at IoU >= 0.5 (the Flickr30k
-protocol's R@k) and zero-shot detection mAP (`pretrain.glip.detection`) on `eval.shards`.
+protocol's R@k) and zero-shot detection mAP (`pretrain.glip.detection`) on `glip.eval.shards`.
 
 For each region of a held-out scene the model is prompted with the scene's caption; the phrase's
 score at a location is the mean alignment probability over the phrase's tokens (GLIP scores a
@@ -12,7 +12,7 @@ ranks (sample i on rank i mod world) and the counts summed, so every rank gets t
 
 The scenes are read by the project's shared shard reader (`pretrain.data.labelled`), as CLIP's and
 DINO's held-out sets are: the same order and rank split, and its rule for bad input (a corrupt scene
-is skipped and counted, naming its shard; past `eval.max_skipped_fraction` the evaluation stops).
+is skipped and counted, naming its shard; past `glip.eval.max_skipped_fraction` the evaluation stops).
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def recall_counts(ranked: list[list[torch.Tensor]], boxes: torch.Tensor, valid: 
 
 
 def read_eval_set(method, rank: int, world: int,
-                  key: str = "eval.shards") -> tuple[list[tuple[tuple, tuple]], LabelledSet]:
-    """This rank's share of the first eval.max_samples scenes of `eval.shards`, in shard order, read by
+                  key: str = "glip.eval.shards") -> tuple[list[tuple[tuple, tuple]], LabelledSet]:
+    """This rank's share of the first glip.eval.max_samples scenes of `glip.eval.shards`, in shard order, read by
     the shared labelled-shard reader (`read_labelled(grounding=True)`): per scene the mapped grounding
     row (image normalised) and its (image, [(phrase, box), ...]) for detection; and the set, whose
     skips (the reader's, and the scenes this rank's sample map rejected) the caller checks."""
     sample_map = GroundingSample(method.glip, method.tokenizer())   # uint8 images, normalised here
     norm = sample_map.batch_normalize
-    data = read_labelled(method.cfg.eval.shards, method.cfg.eval.max_samples, rank, world, key=key, grounding=True)
+    data = read_labelled(method.glip.eval.shards, method.glip.eval.max_samples, rank, world, key=key, grounding=True)
     scenes = []
     for s in data.owned():
         raw = s.raw()
@@ -108,13 +108,13 @@ def grounding_recall(model, rows: list[tuple], batch_size: int, device, nms_iou:
 
 
 @torch.no_grad()
-def evaluate_glip(model, method, device, key: str = "eval.shards",
-                  fraction_key: str = "eval.max_skipped_fraction") -> dict[str, float]:
+def evaluate_glip(model, method, device, key: str = "glip.eval.shards",
+                  fraction_key: str = "glip.eval.max_skipped_fraction") -> dict[str, float]:
     """Grounding R@1 / R@5 and, with glip.detection_classes > 0 (and torchmetrics installed), zero-shot
-    mAP. More than eval.max_skipped_fraction of the scenes skipped or lost (summed over ranks) stops
+    mAP. More than glip.eval.max_skipped_fraction of the scenes skipped or lost (summed over ranks) stops
     it naming the worst shards and `fraction_key`, before any scoring; below it the skips are counted
     (`grounding_skipped`). `key` / `fraction_key` name where the user set them (`baton evaluate`'s flags)."""
-    ecfg = method.cfg.eval
+    ecfg = method.glip.eval
     scenes, data = read_eval_set(method, method.info.rank, method.info.world_size, key)
     skipped = data.check_skipped_over_ranks(ecfg.max_skipped_fraction, f"{key}={ecfg.shards!r}", fraction_key)
     scores = grounding_recall(model, [g for g, _ in scenes], ecfg.batch_size, device, method.glip.nms_iou)

@@ -131,9 +131,9 @@ class GlipMethod(PretrainMethod):
             preprocess=self.preprocess(), source={**self.source, "method": self.name})
 
     def evaluate(self, model, step: int) -> dict[str, float]:
-        """Grounding Recall@1 and @5 (IoU >= 0.5) and zero-shot detection mAP on `eval.shards`
+        """Grounding Recall@1 and @5 (IoU >= 0.5) and zero-shot detection mAP on `glip.eval.shards`
         (pretrain/glip/evaluation.py); on every rank (the counts and the metric are reduced)."""
-        if not self.cfg.eval.shards:
+        if not self.glip.eval.shards:
             return {}
         from pretrain.glip.evaluation import evaluate_glip
 
