@@ -22,7 +22,11 @@ else
 DEMO   := runs/demo-seed$(SEED)
 DATA   := data/emoji-seed$(SEED)
 endif
-RUNARGS := seed=$(SEED) data.root=$(DATA)
+# The demo's training precision: bf16 autocast where the CPU multiplies bf16 in hardware (AVX512-BF16,
+# AMX; about 2x a step of the demo's convnet, BENCHMARKS.md), fp32 elsewhere. `make demo PRECISION=fp32`
+# forces fp32 (the figures move by rounding; each run's config.yaml records the precision it used).
+PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16 || echo fp32)
+RUNARGS := seed=$(SEED) data.root=$(DATA) train.precision=$(PRECISION)
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE = 1
 export PYTHONUNBUFFERED = 1
@@ -70,7 +74,7 @@ $(DEMO)/eval_pixels/metrics.json: $(DATA)/stats.json
 	$(BIN)/baton evaluate pixels --data-source shards --data-root $(DATA) --out $(DEMO)/eval_pixels
 
 $(DEMO)/pretrain/export/backbone.json: $(DATA)/stats.json configs/demo_clip.yaml
-	$(BIN)/baton pretrain configs/demo_clip.yaml resume=latest seed=$(SEED) \
+	$(BIN)/baton pretrain configs/demo_clip.yaml resume=latest seed=$(SEED) train.precision=$(PRECISION) \
 	  data.train_shards=$(DATA)/train run_dir=$(DEMO)/pretrain
 	$(BIN)/baton export $(DEMO)/pretrain $(DEMO)/pretrain/export
 
@@ -114,7 +118,7 @@ $(DEMO)/eval_%/metrics.json: $(DEMO)/finetune_%/model/.done
 # below ln(out_dim), its k-NN monitor rises) but its backbone does not retrieve better than the same
 # net untrained (BENCHMARKS.md, "DINO"), so the order of its rows is reported, not checked.
 $(DEMO)/dino/export/backbone.json: $(DATA)/stats.json configs/dino_demo.yaml
-	$(BIN)/baton pretrain configs/dino_demo.yaml resume=latest seed=$(SEED) \
+	$(BIN)/baton pretrain configs/dino_demo.yaml resume=latest seed=$(SEED) train.precision=$(PRECISION) \
 	  data.train_shards=$(DATA)/train dino.knn_shards=$(DATA)/test run_dir=$(DEMO)/dino
 	$(BIN)/baton export $(DEMO)/dino $(DEMO)/dino/export
 
