@@ -63,7 +63,9 @@ def _count(text: str) -> int:
     return value
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """--out and the shard layout (size, bytes, workers, part) alone: for sources whose images must
+    keep their pixels (grounding boxes are in pixels), which therefore take no image options."""
     p.add_argument("--out", required=True, help="output shard directory")
     g = p.add_argument_group("shards and processes")
     g.add_argument("--shard-size", type=positive_int, default=500,
@@ -74,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     g.add_argument("--part", type=_part, default=(0, 1), metavar="I/N",
                    help="job-array slice: write only shards k with k %% N == I (default 0/1: all)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_layout_arguments(p)
     g = p.add_argument_group("images")
     g.add_argument("--size", type=positive_int, default=None,
                    help="resize so the shorter side is SIZE (default: keep original bytes)")
@@ -112,15 +118,21 @@ def options_from_args(args: argparse.Namespace) -> tuple[PrepOptions, JobLayout]
         caption=CaptionOptions(args.min_caption_chars, args.max_caption_chars, args.long_captions),
         fetch=FetchOptions(timeout=args.timeout, retries=args.retries, backoff=args.backoff),
         dedupe=args.dedupe)
-    layout = JobLayout(shard_size=args.shard_size, shard_max_bytes=args.shard_max_bytes,
-                       workers=args.workers, part=args.part)
-    return prep, layout
+    return prep, layout_from_args(args)
 
 
-def run_source(plan: Plan, args: argparse.Namespace, title: str, what: str) -> dict[str, Any]:
+def layout_from_args(args: argparse.Namespace) -> JobLayout:
+    return JobLayout(shard_size=args.shard_size, shard_max_bytes=args.shard_max_bytes,
+                     workers=args.workers, part=args.part)
+
+
+def run_source(plan: Plan, args: argparse.Namespace, title: str, what: str,
+               layout_only: bool = False) -> dict[str, Any]:
     """Run `plan` as a shard job with the command line's options; print the summary table.
-    `what` names the input for the error when nothing at all could be written."""
-    prep, layout = options_from_args(args)
+    `what` names the input for the error when nothing at all could be written. `layout_only`:
+    the source took `add_layout_arguments` only, so images and captions keep the defaults
+    (every image fully decoded; PNG/JPEG bytes unchanged, other formats re-encoded as PNG)."""
+    prep, layout = (PrepOptions(), layout_from_args(args)) if layout_only else options_from_args(args)
     stats = run_job(plan, args.out, prep, layout, log=sys.stdout)
     if stats.get("complete") is False:
         print_summary(stats, f"{title} (part {layout.part[0]}/{layout.part[1]})")

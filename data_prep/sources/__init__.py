@@ -19,6 +19,8 @@ SOURCES = Registry("data source", {
     "img2dataset": "data_prep.sources.img2dataset",
     "grounding-emoji": "data_prep.sources.grounding_emoji",
     "odvg": "data_prep.sources.odvg",
+    "mdetr": "data_prep.sources.mdetr",
+    "coco-detection": "data_prep.sources.coco_detection",
 })
 
 
