@@ -132,6 +132,26 @@ def image_of(entry: Any, images: Path, sizes: ImageSizes, where: str) -> tuple[P
     return path, size
 
 
+def image_entries(data: dict, ann_file: Path, images: Path) -> Iterator[tuple | Skip]:
+    """What both COCO-json sources walk: the annotations' skips, then per `images` entry (json
+    order) either its Skip (bad entry, missing/undecodable/mis-sized image, a repeated id) or
+    (where, entry, (path, size), its annotations)."""
+    by_image, skips = annotations_by_image(data["annotations"], image_ids(data["images"]), str(ann_file))
+    yield from skips
+    sizes, seen = ImageSizes(), set()
+    for n, entry in enumerate(data["images"]):
+        where = f"{ann_file}: images[{n}]"
+        found = image_of(entry, images, sizes, where)
+        if isinstance(found, Skip):
+            yield found
+            continue
+        if entry["id"] in seen:
+            yield Skip("duplicate_image_id", f"{where}: id {entry['id']!r}")
+            continue
+        seen.add(entry["id"])
+        yield where, entry, found, by_image.get(entry["id"], [])
+
+
 def grounding_item(key: str, path: Path, size: tuple[int, int], caption: str, regions: list[dict],
                    entry: dict, where: str) -> Iterator[Item | Skip]:
     """The plan item of one grounding sample (`key.json` = the grounding record, as the ODVG source

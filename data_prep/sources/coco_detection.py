@@ -31,8 +31,7 @@ from typing import Iterator
 from baton.errors import BatonError
 from baton.registry import unknown_name
 from data_prep import options
-from data_prep.coco_json import (ImageSizes, annotations_by_image, checked_box, grounding_item, image_ids,
-                                 image_of, load_coco_json)
+from data_prep.coco_json import checked_box, grounding_item, image_entries, load_coco_json
 from data_prep.items import Item
 from data_prep.sources.odvg import detection_prompt
 from data_prep.writer import Skip
@@ -88,21 +87,13 @@ def iter_records(ann_file: Path, images: Path, keep: list[str] = (), drop: list[
     names = category_names(data["categories"], str(ann_file))
     classes = select_classes(names, list(keep), list(drop), str(ann_file))
     caption, spans = detection_prompt(list(dict.fromkeys(classes.values())))
-    by_image, skips = annotations_by_image(data["annotations"], image_ids(data["images"]), str(ann_file))
-    yield from skips
-    sizes, seen = ImageSizes(), set()
-    for n, entry in enumerate(data["images"]):
-        where = f"{ann_file}: images[{n}]"
-        found = image_of(entry, images, sizes, where)
-        if isinstance(found, Skip):
-            yield found
+    for walked in image_entries(data, ann_file, images):
+        if isinstance(walked, Skip):
+            yield walked
             continue
-        if entry["id"] in seen:
-            yield Skip("duplicate_image_id", f"{where}: id {entry['id']!r}")
-            continue
-        seen.add(entry["id"])
+        where, entry, found, anns = walked
         regions = []
-        for ann in by_image.get(entry["id"], []):
+        for ann in anns:
             at = f"{where} annotation {ann.get('id', '?')}"
             category = ann.get("category_id")
             if not isinstance(category, (int, str)) or category not in names:

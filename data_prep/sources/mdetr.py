@@ -26,8 +26,7 @@ from typing import Iterator
 
 from baton.errors import BatonError
 from data_prep import options
-from data_prep.coco_json import (ImageSizes, annotations_by_image, checked_box, grounding_item, image_ids,
-                                 image_of, load_coco_json)
+from data_prep.coco_json import checked_box, grounding_item, image_entries, load_coco_json
 from data_prep.items import Item
 from data_prep.writer import Skip
 
@@ -71,25 +70,17 @@ def iter_records(ann_file: Path, images: Path, data: dict | None = None) -> Iter
     """One Item per `images` entry (json order) with a usable caption, image and region
     (`data`: the json already loaded, else read from `ann_file`)."""
     data = data if data is not None else load_coco_json(ann_file, ("images", "annotations"))
-    by_image, skips = annotations_by_image(data["annotations"], image_ids(data["images"]), str(ann_file))
-    yield from skips
-    sizes, seen = ImageSizes(), set()
-    for n, entry in enumerate(data["images"]):
-        where = f"{ann_file}: images[{n}]"
-        found = image_of(entry, images, sizes, where)
-        if isinstance(found, Skip):
-            yield found
+    for walked in image_entries(data, ann_file, images):
+        if isinstance(walked, Skip):
+            yield walked
             continue
-        if entry["id"] in seen:
-            yield Skip("duplicate_image_id", f"{where}: id {entry['id']!r}")
-            continue
-        seen.add(entry["id"])
+        where, entry, found, anns = walked
         caption = entry.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             yield Skip("empty_caption", where)
             continue
         regions = []
-        for rec in regions_of(by_image.get(entry["id"], []), caption, found[1], where):
+        for rec in regions_of(anns, caption, found[1], where):
             if isinstance(rec, Skip):
                 yield rec
             else:
