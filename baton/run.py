@@ -66,6 +66,22 @@ def autocast_context(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float | None,
+                   scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """One optimiser step after the backward: gradients clipped to `grad_clip` (unscaled first
+    under fp16's `scaler`, so the bound is on the true norm), then the step; under fp16 a step whose
+    gradients overflowed is skipped by the scaler, which then lowers its scale."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def to_channels_last(x):
     """A module's 4-D weights or a 4-D batch in channels-last (NHWC) order, the layout oneDNN (CPU)
     and cuDNN (GPU) convolutions run fastest in (about 1.4x a step of the demo's convnet on 2 CPU

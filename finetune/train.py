@@ -30,8 +30,8 @@ from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, resolve_precision,
-                       to_channels_last)
+from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, optimizer_step,
+                       resolve_precision, to_channels_last)
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -194,18 +194,8 @@ def run(cfg: FinetuneConfig) -> dict:
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     optimizer.zero_grad(set_to_none=True)
-                    if scaler is None:
-                        loss.backward()
-                        if o.grad_clip:
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                        optimizer.step()
-                    else:   # fp16: the scaled loss; an overflowing step is skipped by the scaler
-                        scaler.scale(loss).backward()
-                        if o.grad_clip:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                        scaler.step(optimizer)
-                        scaler.update()
+                    (scaler.scale(loss) if scaler is not None else loss).backward()   # fp16: scaled
+                    optimizer_step(optimizer, model.parameters(), o.grad_clip, scaler)
                     window.append(loss.item())
                 else:   # raises past train.max_nonfinite_steps; else nothing of this step is applied
                     nonfinite.skip(step + 1, str(loss.item()), lambda: latest_checkpoint(ckpt_root),

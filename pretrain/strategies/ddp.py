@@ -16,7 +16,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from baton.run import autocast_context
+from baton.run import autocast_context, optimizer_step
 from pretrain.strategies.base import ParamGroups, Strategy, full_state
 
 
@@ -55,11 +55,7 @@ class DDPStrategy(Strategy):
     def step(self, grad_clip: float | None) -> None:
         if self.scaler is None:
             return super().step(grad_clip)
-        self.scaler.unscale_(self.optimizer)
-        if grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(self.optimizer, self.model.parameters(), grad_clip, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, step_dir: Path) -> dict:
