@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,36 @@ def synthetic_shards(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("synthetic_shards")
     make_synthetic_shards(d)
     return d
+
+
+def descendant_pids(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc): the workers a killed parent must not leave behind."""
+    kids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids |= {int(d.name)} | descendant_pids(int(d.name))
+    return kids
+
+
+@contextmanager
+def interrupted_after(module, name: str, calls: int):
+    """`module.name` raises KeyboardInterrupt on call number calls + 1 (a training loop stopped
+    after `calls` steps, e.g. through its per-step lr_factor), restored afterwards."""
+    real, seen = getattr(module, name), {"n": 0}
+
+    def counting(*a, **kw):
+        seen["n"] += 1
+        if seen["n"] > calls:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    setattr(module, name, counting)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)

@@ -15,6 +15,7 @@ from baton.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from baton.cli import main as cli_main
 from baton.errors import BatonError
 from test_pretrain import write_tiny_config
+from conftest import descendant_pids
 
 
 def three_steps(root: Path) -> list[Path]:
@@ -196,24 +197,12 @@ def test_shard_workers_exit_when_baton_shards_is_killed(tmp_path):
         for i in range(150):
             Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
 
-    def descendants(pid: int) -> set[int]:
-        kids = set()
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                if ppid == pid:
-                    kids |= {int(d.name)} | descendants(int(d.name))
-        return kids
-
     proc = subprocess.Popen([sys.executable, "-m", "baton", "shards", "folder", str(root), "--out",
                              str(tmp_path / "out"), "--workers", "2", "--shard-size", "8"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, workers = time.time() + 60, set()
     while time.time() < deadline and len(workers) < 3 and proc.poll() is None:  # forkserver + 2 workers
-        workers = descendants(proc.pid)
+        workers = descendant_pids(proc.pid)
         time.sleep(0.1)
     assert proc.poll() is None and len(workers) >= 3, "the job ended before its workers could be seen"
     os.kill(proc.pid, signal.SIGKILL)

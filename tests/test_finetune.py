@@ -13,7 +13,7 @@ import torch
 from baton.cli import main as cli
 from baton.config import load_config
 from baton.logs import read_metrics, wandb_run_id
-from conftest import make_synthetic_shards
+from conftest import interrupted_after, make_synthetic_shards
 
 pytest.importorskip("open_clip")
 
@@ -153,21 +153,8 @@ def test_resume_equals_uninterrupted(setup):
     # interrupted after step 4 (mid-epoch 2): train 4 steps of the same schedule, then resume
     cut = load_config(FinetuneConfig, None, overrides(root, handoff, "cut", *common))
     from finetune import train as train_mod
-    real = train_mod.lr_factor
-    calls = {"n": 0}
-
-    def stop_after_four(*a):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    train_mod.lr_factor = stop_after_four
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cut)
-    finally:
-        train_mod.lr_factor = real
+    with interrupted_after(train_mod, "lr_factor", 4), pytest.raises(KeyboardInterrupt):
+        run(cut)
     assert (root / "cut" / "checkpoints" / "latest").read_text().strip() == "step_000004"
     with pytest.raises(Exception, match="resume=latest"):
         run(cut)

@@ -11,7 +11,7 @@ import torch
 
 from baton.config import load_config
 from baton.errors import BatonError
-from conftest import make_synthetic_shards
+from conftest import interrupted_after, make_synthetic_shards
 from test_finetune import overrides, write_tiny_handoff
 
 pytest.importorskip("open_clip")
@@ -80,20 +80,8 @@ def test_bf16_resume_equals_uninterrupted(setup):
     root, handoff = setup
     extra = ("train.precision=bf16", "train.checkpoint_every=2")
     full = finetune(root, handoff, "bf16_full", *extra)
-    real, calls = train_mod.lr_factor, {"n": 0}
-
-    def stop_after_two(*a):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    train_mod.lr_factor = stop_after_two
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            finetune(root, handoff, "bf16_cut", *extra)
-    finally:
-        train_mod.lr_factor = real
+    with interrupted_after(train_mod, "lr_factor", 2), pytest.raises(KeyboardInterrupt):
+        finetune(root, handoff, "bf16_cut", *extra)
     cut = finetune(root, handoff, "bf16_cut", *extra, "resume=latest")
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(cut / "model" / "model.safetensors"))

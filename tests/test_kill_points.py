@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from baton.checkpoint import load_checkpoint
+from conftest import descendant_pids
 from test_pretrain import write_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,20 +199,6 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_last_good_one(tmp_path, synt
     assert_same_checkpoint(tmp_path / "full", run, ("model", "optimizer"))
 
 
-def _children(pid: int) -> set[int]:
-    """Every live descendant of `pid` (from /proc)."""
-    kids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                kids |= {int(d.name)} | _children(int(d.name))
-    return kids
-
-
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a zombie has exited; only its parent has not reaped it)."""
     try:
@@ -233,11 +220,11 @@ def _kill_shards_after(argv: list[str], out: Path, more: int) -> int:
     try:
         while recorded() < target:
             if len(seen) < 3:   # the forkserver and 2 workers
-                seen |= _children(proc.pid)
+                seen |= descendant_pids(proc.pid)
             assert proc.poll() is None, f"ended before chunk {target}: {proc.stderr.read().decode()[-3000:]}"
             assert time.monotonic() < deadline, f"chunk {target} not recorded in 120 s"
             time.sleep(0.01)
-        seen |= _children(proc.pid)
+        seen |= descendant_pids(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
