@@ -11,18 +11,10 @@ import torch
 
 from baton.config import load_config
 from baton.errors import BatonError
-from conftest import interrupted_after, make_synthetic_shards
-from test_finetune import overrides, write_tiny_handoff
+from conftest import interrupted_after
+from test_finetune import overrides, setup  # noqa: F401  (setup: the module fixture, shards + handoff)
 
 pytest.importorskip("open_clip")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ftp")
-    make_synthetic_shards(root / "data" / "train", per_class=4, seed=0)
-    make_synthetic_shards(root / "data" / "test", per_class=3, seed=1)
-    return root, write_tiny_handoff(root / "handoff")
 
 
 COMMON = ("train.epochs=1", "train.steps_per_epoch=4", "train.log_every=1", "train.eval_at_end=false",
