@@ -23,7 +23,7 @@ from torch import nn
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
-from baton.run import resolve_precision, to_channels_last  # noqa: F401  (resolve_precision re-exported: the strategies import it from here)
+from baton.run import optimizer_step, resolve_precision, to_channels_last
 
 ParamGroups = Callable[[nn.Module], list[dict]]
 DCP_DIR = "dcp"   # FSDP2's torch.distributed.checkpoint files inside a step directory
@@ -47,6 +47,7 @@ class Strategy:
         self.precision = resolve_precision(cfg.train.precision, info.device)
         self.model: nn.Module | None = None          # the unwrapped module (FSDP2: sharded in place)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None   # fp16's loss scaler, where a strategy keeps one
 
     @classmethod
     def check_config(cls, cfg, world_size: int) -> None:
@@ -86,9 +87,7 @@ class Strategy:
         return self.model
 
     def step(self, grad_clip: float | None) -> None:
-        if grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, self.model.parameters(), grad_clip, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
 
     def skip_step(self) -> bool:

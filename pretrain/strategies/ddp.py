@@ -16,7 +16,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from baton.run import autocast_context, optimizer_step
+from baton.run import autocast_context
 from pretrain.strategies.base import ParamGroups, Strategy, full_state
 
 
@@ -51,12 +51,6 @@ class DDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
         loss = loss / accum
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def step(self, grad_clip: float | None) -> None:
-        if self.scaler is None:
-            return super().step(grad_clip)
-        optimizer_step(self.optimizer, self.model.parameters(), grad_clip, self.scaler)
-        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, step_dir: Path) -> dict:
         if not self.info.is_main:   # replicated: rank 0's copy is the checkpoint

@@ -39,8 +39,8 @@ from torch import nn
 
 from baton.compat import disable_deepspeed_op
 from baton.errors import BatonError
-from baton.run import choose_device
-from pretrain.strategies.base import ParamGroups, Strategy, ensure_process_group, resolve_precision
+from baton.run import choose_device, resolve_precision
+from pretrain.strategies.base import ParamGroups, Strategy, ensure_process_group
 
 TAG = "deepspeed"   # DeepSpeed's checkpoint tag: its files go to STEP_DIR/deepspeed/
 
