@@ -137,6 +137,26 @@ def pml_numpy_rng(seed: int) -> Iterator[None]:
         c_f.NUMPY_RANDOM = saved
 
 
+# --- submitit ------------------------------------------------------------------------------------
+
+def submitit_sbatch_text(executor: Any, generic: dict[str, Any], slurm_specific: dict[str, Any],
+                         map_count: Optional[int] = None) -> str:
+    """The sbatch script a submitit `SlurmExecutor` would submit with these parameters, without
+    submitting: `generic` in submitit's cluster-independent names (timeout_min, gpus_per_node, ...),
+    `slurm_specific` without their `slurm_` prefix, `map_count` for a job array.
+
+    Why: `baton submit --dry-run` prints the exact script a cluster would get, on a machine with no
+    Slurm. Private: `SlurmExecutor._convert_parameters` (what `AutoExecutor.update_parameters`
+    does to the generic names), `_make_submission_file_text` and `_submitit_command_str`; submitit
+    has no public dry run. When it breaks (tests/test_compat.py): read submitit/slurm/slurm.py's
+    `_internal_process_submissions`, which writes the same file before calling sbatch.
+    """
+    executor.update_parameters(**executor._convert_parameters(generic), **slurm_specific)
+    if map_count is not None:
+        executor.parameters["map_count"] = map_count
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
 # --- argparse ------------------------------------------------------------------------------------
 
 def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -30,8 +30,8 @@ from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, optimizer_step,
-                       resolve_precision, to_channels_last)
+from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, fused_adam_kwargs,
+                       optimizer_step, resolve_precision, to_channels_last)
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -127,7 +127,8 @@ def run(cfg: FinetuneConfig) -> dict:
                            cfg.miner.name, cfg.miner.kwargs).to(device)
     guide = build_language_guide(cfg.language, data.train, cfg.backbone, run_dir, device)  # None: no language
     o = cfg.optim
-    optimizer = torch.optim.Adam(param_groups(model, criterion, o), eps=o.eps, weight_decay=o.weight_decay)
+    groups = param_groups(model, criterion, o)
+    optimizer = torch.optim.Adam(groups, eps=o.eps, weight_decay=o.weight_decay, **fused_adam_kwargs(groups))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)

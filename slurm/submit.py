@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from baton.compat import submitit_sbatch_text
 from baton.config import load_config, read_recipe, to_yaml
 from baton.errors import BatonError
 from baton.io import write_text_atomic
@@ -163,11 +164,9 @@ def sbatch_script(p: dict[str, Any]) -> str:
     params = executor_parameters(ccfg, f"baton-{p['stage']}")
     generic = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     specific = {k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")}
-    # what AutoExecutor.update_parameters does: generic names translated, slurm_* passed as they are
-    slurm_ex.update_parameters(**slurm_ex._convert_parameters(generic), **specific)
-    if len(p["jobs"]) > 1:  # as submitit's own array submission does
-        slurm_ex.parameters["map_count"] = len(p["jobs"])
-    return slurm_ex._make_submission_file_text(slurm_ex._submitit_command_str, "dry-run")
+    # generic names translated as AutoExecutor does, slurm_* passed as they are; an array's map_count
+    # as submitit's own array submission sets it
+    return submitit_sbatch_text(slurm_ex, generic, specific, len(p["jobs"]) if len(p["jobs"]) > 1 else None)
 
 
 def submit(p: dict[str, Any]) -> tuple[dict[str, Any], list]:

@@ -47,3 +47,28 @@ def test_a_scaler_unscales_before_the_clip_and_skips_an_overflow():
     assert scaler.get_scale() < scale                       # the overflow lowered the scale ...
     for p, q in zip(before, scaled.parameters()):
         assert torch.equal(p, q)                            # ... and the step was not applied
+
+
+def test_fused_adam_where_every_parameter_allows_it():
+    """Plain floating CPU parameters get torch's fused Adam kernel, and its steps equal the default
+    per-tensor loop's to rounding; a group with a tensor the kernel cannot take (a meta tensor, a
+    DTensor under FSDP2) leaves torch its own choice."""
+    from baton.run import fused_adam_kwargs
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    groups = [{"params": list(a.parameters()), "lr": 1e-2}]
+    assert fused_adam_kwargs(groups) == {"fused": True}
+    fused = torch.optim.Adam(groups, eps=1e-2, **fused_adam_kwargs(groups))
+    plain = torch.optim.Adam(b.parameters(), lr=1e-2, eps=1e-2)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.randn(8, 4)
+    for _ in range(5):
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            (net(x) ** 2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert fused_adam_kwargs([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}]) == {}
+    assert fused_adam_kwargs([{"params": []}]) == {}

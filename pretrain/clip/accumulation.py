@@ -102,4 +102,4 @@ def full_batch_step(method: "ClipMethod", net: torch.nn.Module, strategy: "Strat
                 share = sum(t for t, x in zip(terms, (image, text, scale)) if x.requires_grad)
             strategy.backward(share, 1, last)   # already this micro-batch's share of the step's loss
         kept[j] = None                          # its host batch can go back to the loader
-    return [loss.detach().float()], {"logit_scale": float(scale.detach().float())}
+    return [loss.detach().float()], {"logit_scale": scale.detach().float()}

@@ -113,7 +113,7 @@ class ClipMethod(PretrainMethod):
 
     def loss(self, net: nn.Module, batch: tuple, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         image, text, scale = self.features(net, batch)
-        return self.loss_fn()(image, text, scale), {"logit_scale": float(scale.detach().float())}
+        return self.loss_fn()(image, text, scale), {"logit_scale": scale.detach().float()}
 
     def accumulate(self, net, strategy, micro_batches, step: int, total: int):
         """train.grad_accum > 1: the contrastive loss over all the step's micro-batches

@@ -70,7 +70,9 @@ def add_glip_arguments(p: argparse.ArgumentParser) -> None:
 
 def given_flags(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
     """The option strings present on the command line (the parser has allow_abbrev=False)."""
-    known = {s for a in parser._actions for s in a.option_strings}
+    from baton.compat import parser_actions
+
+    known = {s for a in parser_actions(parser) for s in a.option_strings}
     return {a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in known}
 
 

@@ -76,7 +76,7 @@ def glip_loss(out: dict, boxes: torch.Tensor, valid: torch.Tensor, positive_map:
               attention_mask: torch.Tensor, cfg: GlipConfig,
               reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity) -> tuple[torch.Tensor, dict]:
     """The model's outputs and a batch's targets (boxes (B, R, 4) in pixels, valid (B, R), positive_map
-    (B, R, L), attention_mask (B, L)) -> (total loss, its parts as floats). Computed in float32."""
+    (B, R, L), attention_mask (B, L)) -> (total loss, its parts as detached 0-dim tensors). Computed in float32."""
     locations = out["locations"].float()
     logits, ltrb, ctr_logits = out["logits"].float(), out["ltrb"].float(), out["centerness"].float()
     stride = float(locations[0, 0]) * 2   # the first cell's centre is half a stride from the corner
@@ -99,5 +99,6 @@ def glip_loss(out: dict, boxes: torch.Tensor, valid: torch.Tensor, positive_map:
     else:  # still part of the graph, so every rank's backward reaches every parameter (DDP)
         box = centerness = (ltrb.sum() + ctr_logits.sum()) * 0.0
     total = align + cfg.box_loss_weight * box + cfg.centerness_loss_weight * centerness
-    return total, {"align_loss": float(align.detach()), "box_loss": float(box.detach()),
-                   "centerness_loss": float(centerness.detach()), "positives": float(positive.sum())}
+    # detached 0-dim tensors, read on the host only on a logged step (no device sync per step)
+    return total, {"align_loss": align.detach(), "box_loss": box.detach(),
+                   "centerness_loss": centerness.detach(), "positives": positive.sum().float()}

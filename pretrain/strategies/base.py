@@ -23,7 +23,7 @@ from torch import nn
 
 from baton.distributed import DistInfo
 from baton.errors import BatonError
-from baton.run import optimizer_step, resolve_precision, to_channels_last
+from baton.run import fused_adam_kwargs, optimizer_step, resolve_precision, to_channels_last
 
 ParamGroups = Callable[[nn.Module], list[dict]]
 DCP_DIR = "dcp"   # FSDP2's torch.distributed.checkpoint files inside a step directory
@@ -60,7 +60,7 @@ class Strategy:
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused_adam_kwargs(groups))
 
     def autocast(self) -> ContextManager:
         return nullcontext()
