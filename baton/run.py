@@ -85,9 +85,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, grad_clip: float | 
 def fused_adam_kwargs(groups: list[dict]) -> dict:
     """`{"fused": True}` for torch's Adam/AdamW where every parameter is a plain floating tensor on
     the CPU or a CUDA GPU, else `{}` (torch's own choice: foreach on CUDA, e.g. for FSDP2's
-    DTensors). Why: on a CPU torch otherwise runs its per-tensor Python loop, about a quarter of a
-    step of the demo's convnet; the fused kernel does the same update in one pass per tensor, 4x
-    faster (`benchmarks/adam_cpu.py`). Same arithmetic, so figures move by rounding only."""
+    DTensors). Why: on a CPU torch otherwise runs its per-tensor Python loop (`_single_tensor_adam`,
+    about 8 % of a finetuning step of the demo's convnet in a profile); the fused kernel does the
+    same update in one pass per tensor, about 4x faster on the optimiser step alone
+    (`benchmarks/adam_cpu.py`, BENCHMARKS.md). Same arithmetic: figures move by rounding only."""
     params = [p for g in groups for p in g["params"]]
     ok = params and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
                         and p.device.type in ("cpu", "cuda") for p in params)

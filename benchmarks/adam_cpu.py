@@ -1,7 +1,7 @@
 """A training step of a backbone with torch's three Adam implementations, side by side in one run.
 
 Why: on a CPU torch's Adam/AdamW default to the per-tensor Python loop (`foreach` is chosen on
-CUDA only), which was about a quarter of a step of the demo's convnet on 2 cores; baton's loops
+CUDA only), about 8 % of a finetuning step of the demo's convnet on 2 cores; baton's loops
 now ask for the fused kernel where every parameter allows it (`baton.run.fused_adam_kwargs`).
 This measures, for one timm backbone and batch (bf16 autocast + channels-last, the demo's mode),
 the optimiser step alone and a whole forward + backward + step, for `foreach=False` (torch's CPU
@@ -13,34 +13,24 @@ each alike; it prints the medians and each one's speed relative to the default.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
+from precision_step import step_arguments
+
 IMPLEMENTATIONS = {"default (single tensor)": {"foreach": False}, "foreach": {"foreach": True},
                    "fused": {"fused": True}}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small_convnet_w")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="steps timed per implementation and round")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-
+    a = step_arguments(__doc__.splitlines()[0])
     import timm
 
     from baton.run import to_channels_last
-    from pretrain.models import register_timm_models
 
-    register_timm_models()
-    torch.set_num_threads(a.threads)
     runs = {}
     for name, kwargs in IMPLEMENTATIONS.items():
         torch.manual_seed(0)

@@ -22,23 +22,30 @@ import torch
 MODES = ("fp32", "bf16", "fp32+channels_last", "bf16+channels_last")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_arguments(description: str) -> argparse.Namespace:
+    """The command line of a step benchmark (this one and benchmarks/adam_cpu.py), parsed; torch's
+    thread count set and baton's timm backbones registered."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="small_convnet_w")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="steps timed per mode and round")
+    ap.add_argument("--steps", type=int, default=3, help="steps timed per variant and round")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
 
-    import timm
-
-    from baton.run import to_channels_last
     from pretrain.models import register_timm_models
 
     register_timm_models()
     torch.set_num_threads(a.threads)
+    return a
+
+
+def main() -> None:
+    a = step_arguments(__doc__.splitlines()[0])
+    import timm
+
+    from baton.run import to_channels_last
     runs = {}
     for mode in MODES:
         torch.manual_seed(0)
