@@ -140,14 +140,9 @@ def test_omegaconf_tells_free_mappings_from_fixed_sections():
 def test_submitit_writes_the_sbatch_script_without_submitting(tmp_path):
     """The dry run's script: generic names translated (timeout_min -> --time), Slurm-specific
     ones passed as they are, a job array's size, the command submitit would run."""
-    from submitit.slurm.slurm import SlurmExecutor
+    from slurm.submit import _script_only_executor   # submitit's SlurmExecutor, no srun needed
 
-    class NoSrunCheck(SlurmExecutor):
-        @classmethod
-        def affinity(cls) -> int:
-            return 1
-
-    text = compat.submitit_sbatch_text(NoSrunCheck(folder=str(tmp_path / "%j")), {"timeout_min": 90},
+    text = compat.submitit_sbatch_text(_script_only_executor(tmp_path / "%j"), {"timeout_min": 90},
                                        {"partition": "gpu-test"}, map_count=3)
     assert text.startswith("#!/bin/bash")
     assert "#SBATCH --time=90" in text and "#SBATCH --partition=gpu-test" in text
