@@ -94,7 +94,7 @@ def small_case(seed: int):
     pmap = (torch.rand(B, R, L, generator=g) > 0.6).float()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     out = {"locations": locs, "logits": torch.randn(B, 16, L, generator=g) * 2,
-           "ltrb": torch.rand(B, 16, 4, generator=g) * 30 + 1, "centerness": torch.randn(B, 16, generator=g)}
+           "ltrb": torch.rand(B, 16, 4, generator=g) * 30 + 1, "centerness": torch.randn(B, 16, generator=g), "stride": stride}
     return out, boxes, valid, pmap, mask
 
 
@@ -124,7 +124,7 @@ def test_loss_matches_the_loop_transcription(seed):
 
 def test_loss_without_positives_is_finite_and_reaches_every_output():
     out, boxes, valid, pmap, mask = small_case(0)
-    out = {k: (v.clone().requires_grad_(True) if k != "locations" else v) for k, v in out.items()}
+    out = {k: (v.clone().requires_grad_(True) if torch.is_tensor(v) and k != "locations" else v) for k, v in out.items()}
     total, parts = glip_loss(out, boxes, torch.zeros_like(valid), pmap, mask, tiny_glip())
     total.backward()
     assert float(parts["positives"]) == 0 and math.isfinite(float(total.detach()))
@@ -189,6 +189,7 @@ def test_model_outputs_and_prior_at_initialisation(tokenizer):
     assert out["logits"].shape == (2, 16, 16) and out["ltrb"].shape == (2, 16, 4)
     assert out["centerness"].shape == (2, 16)
     torch.testing.assert_close(out["locations"][:5], grid(4, 4, 16.0)[:5])
+    assert out["stride"] == 16.0 and isinstance(out["stride"], float)   # the loss reads it without a sync
     assert (out["ltrb"] > 0).all()
     # scores start near the prior: bias0 = -log((1 - p) / p), cosines scaled by 10 around it
     assert float(torch.sigmoid(out["logits"].detach()).median()) < 0.1

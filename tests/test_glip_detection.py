@@ -48,7 +48,7 @@ def test_detect_matches_a_plain_nms_reference():
     g = torch.Generator().manual_seed(0)
     locs = grid(4, 4, 16.0)
     out = {"locations": locs, "logits": torch.randn(1, 16, 6, generator=g) * 3,
-           "ltrb": torch.rand(1, 16, 4, generator=g) * 20 + 4, "centerness": torch.zeros(1, 16)}
+           "ltrb": torch.rand(1, 16, 4, generator=g) * 20 + 4, "centerness": torch.zeros(1, 16), "stride": 16.0}
     cmap = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0.]])
     got = detect(out, cmap, 0.3, 0.5, 100)[0]
     from pretrain.glip.loss import boxes_of
@@ -83,7 +83,7 @@ class Oracle(torch.nn.Module):
                     n = int(((locs - (box[:2] + box[2:]) / 2) ** 2).sum(1).argmin())
                     logits[i, n, cmap[names.index(phrase)] > 0] = 9.0
                     ltrb[i, n] = ltrb_of(locs[n], box)
-        return {"logits": logits, "ltrb": ltrb, "centerness": torch.zeros(len(images), 16), "locations": locs}
+        return {"logits": logits, "ltrb": ltrb, "centerness": torch.zeros(len(images), 16), "locations": locs, "stride": 16.0}
 
 
 def test_zero_shot_map_of_a_perfect_model_is_one(tokenizer):

@@ -27,7 +27,7 @@ def random_outputs(seed: int = 0, b: int = 4, r: int = 3, l: int = 8):
     member = torch.randint(0, 5, (b, 16), generator=g)
     pred = torch.gather(clusters, 1, member[..., None].expand(b, 16, 4)) + torch.rand(b, 16, 4, generator=g)
     out = {"locations": locs, "logits": torch.randn(b, 16, l, generator=g) * 2,
-           "ltrb": ltrb_of(locs[None], pred), "centerness": torch.zeros(b, 16)}
+           "ltrb": ltrb_of(locs[None], pred), "centerness": torch.zeros(b, 16), "stride": 16.0}
     pmap = (torch.rand(b, r, l, generator=g) < 0.3).float()
     pmap[..., 1] = 1.0                                   # every phrase has a token
     valid = torch.rand(b, r, generator=g) < 0.8

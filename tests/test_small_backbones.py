@@ -120,3 +120,25 @@ def test_crop_padding_shifts_the_image_by_up_to_that_many_pixels():
         assert match, seed  # every output is the image moved by at most 3 pixels
         shifts.add(match[0])
     assert len(shifts) > 5
+
+
+def test_the_shift_and_flip_on_tensors_equal_torchvisions_on_pil_images():
+    """The finetuning transform shifts and flips the tensor (cheaper than the PIL image): the same
+    random draws must give the same pixels as torchvision's PIL pipeline."""
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from finetune.model import build_transform
+
+    pp = {"image_size": 16, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "interpolation": "bicubic"}
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    ours = build_transform(pp, train=True, crop_scale_min=1.0, crop_padding=3, hflip=True)
+    pil = T.Compose([T.Resize((16, 16), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                     T.RandomCrop(16, padding=3, padding_mode="edge"), T.RandomHorizontalFlip(),
+                     T.ToTensor(), T.Normalize(pp["mean"], pp["std"])])
+    for seed in range(20):
+        torch.default_generator.manual_seed(seed)
+        a = ours(img)
+        torch.default_generator.manual_seed(seed)
+        assert torch.equal(a, pil(img)), seed

@@ -171,4 +171,4 @@ class GlipModel(nn.Module):
         logits = scale * regions @ tokens.transpose(1, 2) + self.token_bias(text).transpose(1, 2) + self.bias0
         locations, stride = self.locations(h, w, images.device)
         return {"logits": logits, "ltrb": F.softplus(self.box_pred(box).flatten(2).transpose(1, 2)) * stride,
-                "centerness": self.centerness_pred(box).flatten(1), "locations": locations}
+                "centerness": self.centerness_pred(box).flatten(1), "locations": locations, "stride": stride}
