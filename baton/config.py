@@ -45,10 +45,11 @@ from baton.errors import BatonError
 T = TypeVar("T")
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field whose numeric value `load_config` checks: >= ge, > gt, <= le (None: no bound;
-    a None value, where the field allows it, is not checked)."""
-    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field whose numeric value `load_config` checks: >= ge, > gt, <= le, < lt (None: no
+    bound; a None value, where the field allows it, is not checked)."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
 def check_ranges(cfg: Any, prefix: str = "") -> None:
@@ -62,11 +63,12 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
             continue
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        ge, gt, le = (f.metadata.get(k) for k in ("ge", "gt", "le"))
+        ge, gt, le, lt = (f.metadata.get(k) for k in ("ge", "gt", "le", "lt"))
         bad = (ge is not None and not value >= ge) or (gt is not None and not value > gt) or \
-              (le is not None and not value <= le)
+              (le is not None and not value <= le) or (lt is not None and not value < lt)
         if bad:
-            need = " and ".join(f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<=", le)) if b is not None)
+            need = " and ".join(f"{op} {b}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+                                if b is not None)
             raise BatonError(f"config key {key}={value} is out of range: it must be {need}")
 
 

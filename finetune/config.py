@@ -104,6 +104,10 @@ class TrainConfig:
     # Steps whose loss is not finite that may be skipped in the whole run (as in pretraining,
     # baton/nonfinite.py): 0 stops at the first; N skips up to N and stops at one more.
     max_nonfinite_steps: int = bounded(0, ge=0)
+    # 0: off. Else the model saved and evaluated is an exponential moving average of the weights
+    # (and BatchNorm statistics), timm's ModelEmaV3 with its warm-up: the average's decay grows as
+    # 1 - (1 + step)^(-2/3) up to this value, so it spans about the last third of a short run.
+    ema_decay: float = bounded(0.0, ge=0.0, lt=1.0)
     eval_at_end: bool = True        # held-out retrieval metrics -> metrics.jsonl and eval.json
     tensorboard: bool = True
     wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)

@@ -98,6 +98,17 @@ def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[d
     return groups
 
 
+def build_ema(model: torch.nn.Module, decay: float):
+    """timm's weight average of `model` (warm-up on: its decay grows with the step up to `decay`), or
+    None for decay 0. Why: a constant learning rate ends on a noisy iterate; the average of the last
+    steps is a better one, as a decay of the rate would give, without deciding when to decay."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
     run_dir = Path(cfg.run_dir)
@@ -133,10 +144,16 @@ def run(cfg: FinetuneConfig) -> dict:
 
     steps_per_epoch = cfg.train.steps_per_epoch or max(1, len(data.train) // cfg.data.batch_size)
     total = cfg.train.epochs * steps_per_epoch
+    ema = build_ema(model, cfg.train.ema_decay)   # None: train.ema_decay 0
     step, skipped_before = 0, ()
     if resume is not None:
         state, meta = load_checkpoint(resume, map_location=device)
         model.load_state_dict(state["model"])
+        if ema is not None:
+            if "ema" not in state:
+                raise BatonError(f"{meta['path']} has no weight average (it was written without "
+                                 f"train.ema_decay): resume it with train.ema_decay=0, or start a fresh run_dir=")
+            ema.load_state_dict(state["ema"])
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
@@ -165,6 +182,7 @@ def run(cfg: FinetuneConfig) -> dict:
         state = {"model": model.state_dict(), "loss": criterion.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                  "nonfinite_steps": nonfinite.steps,
+                 **({"ema": ema.state_dict()} if ema is not None else {}),
                  **({"scaler": scaler.state_dict()} if scaler is not None else {})}
         save_checkpoint(ckpt_root, step, state, {"epoch": epoch, "total_steps": total},
                         keep_last=cfg.train.keep_last)
@@ -197,6 +215,8 @@ def run(cfg: FinetuneConfig) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     (scaler.scale(loss) if scaler is not None else loss).backward()   # fp16: scaled
                     optimizer_step(optimizer, model.parameters(), o.grad_clip, scaler)
+                    if ema is not None:
+                        ema.update(model, step=step)
                     window.append(loss.item())
                 else:   # raises past train.max_nonfinite_steps; else nothing of this step is applied
                     nonfinite.skip(step + 1, str(loss.item()), lambda: latest_checkpoint(ckpt_root),
@@ -226,6 +246,8 @@ def run(cfg: FinetuneConfig) -> dict:
         bar.close()
         redirect.__exit__(None, None, None)
 
+    if ema is not None:   # what is saved and evaluated: the average
+        model = ema.module
     model_dir = save_embedding_model(model.cpu(), backbone_meta, run_dir / "model",
                                      source={"backbone": str(cfg.backbone), "steps": step,
                                              "loss": cfg.loss.name, "language": cfg.language.mode,
