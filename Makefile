@@ -61,7 +61,7 @@ setup: $(STAMP) .stamp-system-deps
 
 # --- tests ----------------------------------------------------------------------------------
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=40 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
