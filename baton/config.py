@@ -41,6 +41,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from baton.compat import config_child, is_free_mapping
 from baton.config_upgrade import rename_keys, upgrade_node, upgrade_override  # noqa: F401 (rename_keys: API)
 from baton.errors import BatonError
+from baton.registry import unknown_name
 
 T = TypeVar("T")
 
@@ -211,7 +212,7 @@ def concrete_schema(schema: Any, name: str) -> Any:
     chosen: ChosenSection = schema.CHOSEN_SECTION
     sections = chosen.sections()
     if name not in sections:
-        raise BatonError(f"unknown {chosen.key} {name!r} (config key `{chosen.key}`); known: {', '.join(sections)}")
+        raise unknown_name(chosen.key, name, sections)
     if name in {f.name for f in dataclasses.fields(schema)}:
         raise BatonError(f"{chosen.key} '{name}' is also a config key of {schema.__name__}: rename the {chosen.key}")
     section = sections[name]
