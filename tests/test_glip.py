@@ -207,6 +207,15 @@ def test_hf_text_encoder_gives_token_features(tokenizer):
     assert out["logits"].shape == (1, 16, 16)
 
 
+def test_an_unknown_text_encoder_names_the_key_and_the_choices():
+    from baton.registry import UnknownName
+    from pretrain.glip.model import TextEncoder
+
+    with pytest.raises(UnknownName, match=r"unknown glip.text_encoder 'open-clip' \(did you mean 'open_clip'\?\)"
+                                          r": choose one of open_clip, hf$"):
+        TextEncoder(tiny_glip(text_encoder="open-clip"), 100, 0)
+
+
 def test_backbone_kwargs_are_the_architecture_and_weight_keys_stay_out_of_it():
     """timm's weight-choosing kwargs choose GLIP's starting weights (tests/test_timm_interop.py), so
     they are not part of the architecture (the handoff's model_config); any other timm kwarg is, and a

@@ -112,3 +112,14 @@ def test_a_timm_handoff_starts_the_backbone_and_has_no_text(tmp_path):
     write_handoff(tmp_path / "wide", wide.state_dict(), read_handoff(tmp_path / "timm")[1])
     with pytest.raises(BatonError, match=r"shape handoff vs GLIP \(\d+\): stages\.0\.bn\.bias \(48,\) vs \(32,\)"):
         glip_model(init_from=str(tmp_path / "wide"), init_towers=["image"])
+
+
+def test_a_handoff_of_another_library_names_the_ones_glip_reads():
+    from baton.handoff import BackboneMeta
+    from baton.registry import UnknownName
+    from pretrain.glip.init_from import image_weights
+
+    meta = BackboneMeta(library="onnx", model_config={"model_name": "small_convnet"}, embedding_dim=2)
+    with pytest.raises(UnknownName, match=r"unknown handoff library 'onnx': choose one of timm, open_clip "
+                                          r"\(of run/x: the handoffs glip.init_from reads\)$"):
+        image_weights({}, meta, "small_convnet", "run/x")

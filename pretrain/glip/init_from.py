@@ -28,6 +28,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.handoff import BackboneMeta, read_handoff, read_text_tower
+from baton.registry import Registry, unknown_name
 
 TOWERS = ("image", "text")
 TRUNK = "trunk."
@@ -59,28 +60,43 @@ def load_exact(module: nn.Module, weights: dict[str, torch.Tensor], what: str, m
     module.load_state_dict(weights, strict=False)
 
 
+def _timm_image(state: dict[str, torch.Tensor], meta: BackboneMeta, backbone: str,
+                where: str) -> dict[str, torch.Tensor]:
+    """A timm handoff (DINO / GLIP): its weights are the model's own."""
+    name = meta.model_config.get("model_name")
+    if name != backbone:
+        raise BatonError(f"{where}: its image tower is timm '{name}', but glip.backbone={backbone}; set "
+                         f"glip.backbone={name} or leave 'image' out of glip.init_towers")
+    return state
+
+
+def _open_clip_image(state: dict[str, torch.Tensor], meta: BackboneMeta, backbone: str,
+                     where: str) -> dict[str, torch.Tensor]:
+    """A CLIP handoff: only open_clip's timm adapter has a timm model's weights (its `trunk.*`)."""
+    vision = meta.model_config.get("vision_cfg", {})
+    name = vision.get("timm_model_name")
+    if name is None:
+        raise BatonError(f"{where}: its image tower is open_clip's own (vision_cfg without timm_model_name: "
+                         f"{sorted(vision)}), not a timm model, and GLIP's backbone is timm "
+                         f"glip.backbone={backbone}; leave 'image' out of glip.init_towers")
+    if name != backbone:
+        raise BatonError(f"{where}: its image tower is timm '{name}' (vision_cfg.timm_model_name), but "
+                         f"glip.backbone={backbone}; set glip.backbone={name} or leave 'image' out of glip.init_towers")
+    return {k[len(TRUNK):]: v for k, v in state.items() if k.startswith(TRUNK)}
+
+
+# handoff library (`BUILDERS` in pretrain/backbones.py) -> its image tower's timm weights; a library
+# left out here still rebuilds in later stages, GLIP just cannot start from it
+IMAGE_TOWERS = Registry("handoff library", {"timm": _timm_image, "open_clip": _open_clip_image})
+
+
 def image_weights(state: dict[str, torch.Tensor], meta: BackboneMeta, backbone: str,
                   where: str) -> dict[str, torch.Tensor]:
     """The timm model's own weights of the handoff's image tower, if it is timm model `backbone`."""
-    library = meta.library
-    if library == "timm":
-        name = meta.model_config.get("model_name")
-        if name != backbone:
-            raise BatonError(f"{where}: its image tower is timm '{name}', but glip.backbone={backbone}; set "
-                             f"glip.backbone={name} or leave 'image' out of glip.init_towers")
-        return state
-    if library == "open_clip":
-        vision = meta.model_config.get("vision_cfg", {})
-        name = vision.get("timm_model_name")
-        if name is None:
-            raise BatonError(f"{where}: its image tower is open_clip's own (vision_cfg without timm_model_name: "
-                             f"{sorted(vision)}), not a timm model, and GLIP's backbone is timm "
-                             f"glip.backbone={backbone}; leave 'image' out of glip.init_towers")
-        if name != backbone:
-            raise BatonError(f"{where}: its image tower is timm '{name}' (vision_cfg.timm_model_name), but "
-                             f"glip.backbone={backbone}; set glip.backbone={name} or leave 'image' out of glip.init_towers")
-        return {k[len(TRUNK):]: v for k, v in state.items() if k.startswith(TRUNK)}
-    raise BatonError(f"{where}: a '{library}' handoff; glip.init_from reads open_clip (CLIP) and timm handoffs")
+    if meta.library not in IMAGE_TOWERS:
+        raise unknown_name("handoff library", meta.library, IMAGE_TOWERS,
+                           f" (of {where}: the handoffs glip.init_from reads)")
+    return IMAGE_TOWERS[meta.library](state, meta, backbone, where)
 
 
 def text_weights(path: Path, meta: BackboneMeta, glip, where: str) -> dict[str, torch.Tensor]:

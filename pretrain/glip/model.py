@@ -31,6 +31,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.packaged_models import resolve_model_path
+from baton.registry import Registry
 from pretrain.glip.config import GlipConfig
 from pretrain.timm_weights import architecture_kwargs, create_backbone
 
@@ -58,28 +59,37 @@ def build_tokenizer(cfg: GlipConfig):
     return tok
 
 
+def _open_clip_text(cfg: GlipConfig, vocab_size: int, pad_id: int) -> tuple[nn.Module, int]:
+    """open_clip's TextTransformer, bidirectional (no causal mask) with padding masked: every token
+    sees the whole caption."""
+    from open_clip.transformer import TextTransformer
+
+    net = TextTransformer(context_length=cfg.max_tokens, vocab_size=vocab_size, width=cfg.text_width,
+                          heads=cfg.text_heads, layers=cfg.text_layers, output_dim=None,
+                          no_causal_mask=True, use_pad_mask=True, pad_id=pad_id, pool_type="first",
+                          output_tokens=True)
+    return net, cfg.text_width
+
+
+def _hf_text(cfg: GlipConfig, vocab_size: int, pad_id: int) -> tuple[nn.Module, int]:
+    """The transformers model `glip.text_model` (its own vocabulary and padding)."""
+    from transformers import AutoModel
+
+    net = AutoModel.from_pretrained(resolve_model_path(cfg.text_model))
+    return net, int(net.config.hidden_size)
+
+
+# glip.text_encoder -> builder(cfg, vocab_size, pad_id) -> (module, token feature width)
+TEXT_ENCODERS = Registry("glip.text_encoder", {"open_clip": _open_clip_text, "hf": _hf_text})
+
+
 class TextEncoder(nn.Module):
     """Token ids (B, L) + attention mask -> per-token features (B, L, width)."""
 
     def __init__(self, cfg: GlipConfig, vocab_size: int, pad_id: int):
         super().__init__()
         self.kind = cfg.text_encoder
-        if self.kind == "open_clip":
-            from open_clip.transformer import TextTransformer
-
-            # bidirectional (no causal mask), padding masked: every token sees the whole caption
-            self.net = TextTransformer(context_length=cfg.max_tokens, vocab_size=vocab_size, width=cfg.text_width,
-                                       heads=cfg.text_heads, layers=cfg.text_layers, output_dim=None,
-                                       no_causal_mask=True, use_pad_mask=True, pad_id=pad_id, pool_type="first",
-                                       output_tokens=True)
-            self.width = cfg.text_width
-        elif self.kind == "hf":
-            from transformers import AutoModel
-
-            self.net = AutoModel.from_pretrained(resolve_model_path(cfg.text_model))
-            self.width = int(self.net.config.hidden_size)
-        else:
-            raise BatonError(f"glip.text_encoder must be 'open_clip' or 'hf', not {self.kind!r}")
+        self.net, self.width = TEXT_ENCODERS[self.kind](cfg, vocab_size, pad_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "open_clip":
