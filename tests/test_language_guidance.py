@@ -272,3 +272,20 @@ def test_finetune_with_language_guidance(tmp_path, mode):
         saved = json.loads((tmp_path / "run" / "pseudolabels.json").read_text())
         assert len(saved["pseudolabels"]) == 16
         assert all(len(v) == 3 and set(v) <= set(vocab.read_text().split("\n")) for v in saved["pseudolabels"].values())
+
+
+def test_language_mode_and_direction_are_names_with_the_one_error(tmp_path):
+    """mode=none reads no other key (a wrong direction is not looked at); an unknown mode or
+    direction names the key and the choices."""
+    from baton.registry import UnknownName
+    from finetune.config import LanguageConfig
+    from finetune.language import build_language_guide
+
+    assert build_language_guide(LanguageConfig(mode="none", direction="sideways"), [], "b", tmp_path) is None
+    with pytest.raises(UnknownName, match=r"^unknown language.mode 'elgg' \(did you mean 'elg'\?\): "
+                                          r"choose one of none, elg, plg$"):
+        build_language_guide(LanguageConfig(mode="elgg"), [], "b", tmp_path)
+    with pytest.raises(UnknownName, match=r"^unknown language.direction 'sideways': choose one of forward, backward$"):
+        build_language_guide(LanguageConfig(mode="elg", direction="sideways"), [], "b", tmp_path)
+    with pytest.raises(ValueError, match=r"^unknown direction 'sideways': choose one of forward, backward$"):
+        LanguageGuidance(direction="sideways")

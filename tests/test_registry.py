@@ -70,7 +70,7 @@ def test_every_table_resolves_every_entry():
     tables = {r.what: r for r in project}
     expected = {"command", "stage", "method", "train.strategy", "backbone library", "data source",
                 "data.source", "loss.name", "language.model", "language.classifier", "cluster.executor",
-                "emoji design", "backbone"}
+                "emoji design", "backbone", "glip.text_encoder", "handoff library", "language.mode"}
     assert expected <= set(tables), sorted(expected - set(tables))
     for table in project:
         for name in table:

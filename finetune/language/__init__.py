@@ -23,9 +23,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.packaged_models import MINILM
-from baton.registry import Registry
-
-MODES = ("none", "elg", "plg")
+from baton.registry import Registry, unknown_name
 
 # `language.model` KIND[:ARG] -> encoder class, called with ARG; imported when chosen
 TEXT_ENCODERS = Registry("language.model", {
@@ -78,37 +76,54 @@ def class_names_of(items) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
+def no_guidance(lcfg, classes, train_items, backbone, run_dir, device) -> None:
+    """language.mode=none: no guidance, so nothing is loaded (never called: `build_language_guide`
+    returns before checking the other language keys, which none does not read)."""
+    return None
+
+
+def class_names(lcfg, classes, train_items, backbone, run_dir, device) -> list[list[str]]:
+    """ELG: each class's own name (underscores as spaces)."""
+    return [[c.replace("_", " ")] for c in classes]
+
+
+def pseudo_label_names(lcfg, classes, train_items, backbone, run_dir, device) -> list[list[str]]:
+    """PLG: the classifier's top-k vocabulary names per class, cached in run_dir/pseudolabels.json and logged."""
+    from finetune.language.classifiers import build_classifier
+    from finetune.language.pseudolabels import load_vocabulary, pseudolabels
+
+    log = logging.getLogger("baton.finetune")
+    vocab = load_vocabulary(lcfg.vocabulary)
+    labels = pseudolabels(lambda: build_classifier(lcfg.classifier, vocab, lcfg.prompt, backbone, device),
+                          [im for im, _, _ in train_items], [y for _, y, _ in train_items], classes,
+                          lcfg.topk, cache_dir=run_dir, spec=lcfg.classifier, vocabulary_spec=lcfg.vocabulary)
+    for c in classes[:5]:
+        log.info("pseudo-labels of %r: %s", c, ", ".join(labels[c]))
+    log.info("pseudo-labels of all %d classes: %s", len(classes), Path(run_dir) / "pseudolabels.json")
+    return [labels[c] for c in classes]
+
+
+# `language.mode` -> the names per training class that the guidance table embeds
+MODES = Registry("language.mode", {"none": no_guidance, "elg": class_names, "plg": pseudo_label_names})
+
+
 def build_language_guide(lcfg, train_items, backbone: str | Path, run_dir: str | Path,
                          device: torch.device | str = "cpu") -> LanguageGuide | None:
     """None for mode none; else the guide for the training classes (ELG: their names; PLG: the
     classifier's top-k names, cached in run_dir/pseudolabels.json and logged)."""
-    from finetune.losses import LanguageGuidance
+    from finetune.losses.language_guidance import DIRECTIONS, LanguageGuidance
 
-    if lcfg.mode not in MODES:
-        raise BatonError(f"language.mode {lcfg.mode!r} is not one of {', '.join(MODES)}")
-    if lcfg.mode == "none":
+    names_of = MODES[lcfg.mode]
+    if names_of is no_guidance:
         return None
-    if lcfg.direction not in ("forward", "backward") or lcfg.temperature <= 0:
-        raise BatonError(f"language.direction must be forward or backward (got {lcfg.direction!r}) and "
-                         f"language.temperature > 0 (got {lcfg.temperature})")
+    if lcfg.direction not in DIRECTIONS:
+        raise unknown_name("language.direction", lcfg.direction, DIRECTIONS)
+    if lcfg.temperature <= 0:
+        raise BatonError(f"language.temperature must be > 0 (got {lcfg.temperature})")
     if "{}" not in lcfg.prompt:
         raise BatonError(f"language.prompt {lcfg.prompt!r} needs a {{}} where the name goes")
     log = logging.getLogger("baton.finetune")
-    classes = class_names_of(train_items)
-    if lcfg.mode == "elg":
-        names = [[c.replace("_", " ")] for c in classes]
-    else:
-        from finetune.language.classifiers import build_classifier
-        from finetune.language.pseudolabels import load_vocabulary, pseudolabels
-
-        vocab = load_vocabulary(lcfg.vocabulary)
-        labels = pseudolabels(lambda: build_classifier(lcfg.classifier, vocab, lcfg.prompt, backbone, device),
-                              [im for im, _, _ in train_items], [y for _, y, _ in train_items], classes,
-                              lcfg.topk, cache_dir=run_dir, spec=lcfg.classifier, vocabulary_spec=lcfg.vocabulary)
-        names = [labels[c] for c in classes]
-        for c in classes[:5]:
-            log.info("pseudo-labels of %r: %s", c, ", ".join(labels[c]))
-        log.info("pseudo-labels of all %d classes: %s", len(classes), Path(run_dir) / "pseudolabels.json")
+    names = names_of(lcfg, class_names_of(train_items), train_items, backbone, run_dir, device)
     encoder = build_text_encoder(lcfg.model, backbone)
     table = embed_names(encoder, names, lcfg.prompt)
     log.info("language guidance %s: %d classes x %d names, %s, dim %d, weight %g", lcfg.mode, *table.shape[:2],

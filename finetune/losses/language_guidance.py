@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baton.registry import unknown_name
+
 DIRECTIONS = ("forward", "backward")
 
 
@@ -52,7 +54,7 @@ class LanguageGuidance(nn.Module):
     def __init__(self, shift: float = 1.0, temperature: float = 1.0, direction: str = "backward"):
         super().__init__()
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+            raise ValueError(str(unknown_name("direction", direction, DIRECTIONS)))   # ValueError: a bad argument
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         self.shift = float(shift)
