@@ -47,6 +47,10 @@ def test_object_arguments_by_class_name():
     want = losses.ContrastiveLoss(pos_margin=1, neg_margin=0, distance=distances.CosineSimilarity())(x, y)
     assert isinstance(loss.distance, distances.CosineSimilarity) and torch.allclose(loss(x, y), want)
 
+    with pytest.raises(BatonError, match=r"^unknown loss.kwargs.distance 'CosineSimilarty' \(did you mean "
+                                         r"'CosineSimilarity'\?\): choose one of .*CosineSimilarity.* "
+                                         r"\(the classes of pml.distances\)$"):
+        built(["loss.name=ContrastiveLoss", "loss.kwargs.distance=CosineSimilarty"])
 
 def test_proxy_losses_get_sizes_from_the_data_and_train_at_loss_lr():
     x, y = batch(n_classes=6, dim=16)

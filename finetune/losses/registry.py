@@ -151,7 +151,7 @@ def _pml_object(arg: str, spec: Any, key: str) -> Any:
     cls = getattr(module, str(spec["name"]), None)
     if not inspect.isclass(cls):
         names = sorted(n for n, c in vars(module).items() if inspect.isclass(c) and not n.startswith("Base"))
-        raise BatonError(f"{key}.{arg}: pml.{_OBJECT_ARGS[arg]} has no '{spec['name']}'; one of: {', '.join(names)}")
+        raise unknown_name(f"{key}.{arg}", spec["name"], names, f" (the classes of pml.{_OBJECT_ARGS[arg]})")
     kwargs = dict(spec.get("kwargs") or {})
     check_args(cls, kwargs, f"{key}.{arg}.kwargs")
     return cls(**kwargs)
