@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from baton.errors import BatonError
 from baton.io import seconds_from_env
+from baton.registry import unknown_name
 
 TIMEOUT_ENV = "BATON_COLLECTIVE_TIMEOUT_S"
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,7 +55,7 @@ def choose_device(name: str, local_rank: int | None = None) -> torch.device:
     `local_rank` is given). It lives here, below `baton.run` (which exports it to the loops), so that
     `baton.preemption`, which `baton.run` imports, can use this module's all-reduce without a cycle."""
     if name not in DEVICES:
-        raise BatonError(f"train.device '{name}' is not one of {', '.join(DEVICES)}")
+        raise unknown_name("train.device", name, DEVICES)
     use_cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
     if not use_cuda:
         return torch.device("cpu")

@@ -40,6 +40,7 @@ from baton.distributed import DEVICES, choose_device  # noqa: F401 (the loops' d
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.preemption import stop_requested
+from baton.registry import unknown_name
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger("baton")
@@ -49,7 +50,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16 for `train.precision` on `device`. auto: bf16 on a CUDA GPU that has it,
     else fp32 (on a CPU, bf16 pays only where it has bf16 matrix units, e.g. AMX: name it there)."""
     if precision not in PRECISIONS:
-        raise BatonError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise unknown_name("train.precision", precision, PRECISIONS)
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":

@@ -33,7 +33,7 @@ from baton.errors import BatonError
 from baton.handoff import META as HANDOFF_META
 from baton.handoff import BackboneMeta, read_meta
 from baton.io import atomic_path, write_json_atomic
-from baton.registry import Registry
+from baton.registry import Registry, unknown_name
 
 FORMAT = "baton-embedder/1"
 WEIGHTS = "model.safetensors"
@@ -84,8 +84,7 @@ def _interp(name: str) -> T.InterpolationMode:
     try:
         return T.InterpolationMode(name.lower())
     except ValueError:
-        raise BatonError(f"preprocess.interpolation '{name}' is not one of "
-                         f"{[m.value for m in T.InterpolationMode]}") from None
+        raise unknown_name("preprocess.interpolation", name, [m.value for m in T.InterpolationMode]) from None
 
 
 def build_transform(preprocess: dict, train: bool = False, crop_scale_min: float = 0.6,

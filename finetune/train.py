@@ -30,6 +30,7 @@ from baton.logs import MetricsWriter, setup_logging
 from baton.nonfinite import NonFiniteSteps
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
+from baton.registry import unknown_name
 from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, fused_adam_kwargs,
                        optimizer_step, resolve_precision, to_channels_last)
 from baton.schedule import lr_factor
@@ -82,7 +83,7 @@ def _check(cfg: FinetuneConfig, n_classes: int) -> None:
         raise BatonError(f"data.batch_size ({d.batch_size}) needs more than {n_classes} train classes x "
                          f"data.m_per_class ({d.m_per_class}); lower data.batch_size")
     if cfg.optim.schedule not in ("cosine", "constant"):
-        raise BatonError(f"optim.schedule '{cfg.optim.schedule}' is not cosine or constant")
+        raise unknown_name("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
 
 
 def param_groups(model: EmbeddingModel, criterion: torch.nn.Module, o) -> list[dict]:

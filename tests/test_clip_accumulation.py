@@ -139,7 +139,7 @@ def test_random_draws_and_batchnorm_match_the_one_graph_loss(model_cfg):
 def test_accum_loss_is_checked():
     from baton.errors import BatonError
 
-    with pytest.raises(BatonError, match="clip.accum_loss must be one of full_batch, micro_batch"):
+    with pytest.raises(BatonError, match=r"^unknown clip.accum_loss 'full' \(did you mean 'full_batch'\?\): choose one of full_batch, micro_batch$"):
         setup(TINY_MODEL, 2, 2, accum_loss="full")
 
 

@@ -81,7 +81,7 @@ def test_bf16_resume_equals_uninterrupted(setup):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("value, match", [("fp16", "needs a CUDA GPU"), ("half", "must be one of")])
+@pytest.mark.parametrize("value, match", [("fp16", "needs a CUDA GPU"), ("half", r"unknown train.precision 'half': choose one of auto, fp32, bf16, fp16$")])
 def test_precision_refused_by_name(setup, value, match):
     root, handoff = setup
     with pytest.raises(BatonError, match=match):

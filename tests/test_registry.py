@@ -94,3 +94,36 @@ def test_the_stage_list_is_one_list():
     for name in SOURCES:   # an alias names the module that lists it
         module = SOURCES[name]
         assert name == module.NAME or name in module.ALIASES, name
+
+
+def _finetune_schedule(name):
+    from baton.config import load_config
+    from finetune.config import FinetuneConfig
+    from finetune.train import _check
+
+    cfg = load_config(FinetuneConfig)
+    cfg.optim.schedule = name
+    _check(cfg, 100)
+
+
+def _glip_text_encoder(name):
+    from pretrain.glip.config import GlipConfig
+    from pretrain.glip.model import TextEncoder
+
+    TextEncoder(GlipConfig(text_encoder=name), 100, 0)
+
+
+@pytest.mark.parametrize("key, call, choices", [
+    ("train.precision", lambda n: importlib.import_module("baton.run").resolve_precision(n, "cpu"),
+     "auto, fp32, bf16, fp16"),
+    ("train.device", lambda n: importlib.import_module("baton.distributed").choose_device(n), "auto, cpu, cuda"),
+    ("data.image_handoff", lambda n: importlib.import_module("pretrain.data.uint8_images").hands_over_uint8(n, "cpu"),
+     "auto, uint8, float"),
+    ("preprocess.interpolation", lambda n: importlib.import_module("finetune.model")._interp(n), "nearest, .*bicubic.*"),
+    ("optim.schedule", _finetune_schedule, "cosine, constant"),
+    ("glip.text_encoder", _glip_text_encoder, "open_clip, hf"),
+])
+def test_a_hand_checked_choice_is_the_same_error(key, call, choices):
+    """Choices checked outside a Registry still raise `unknown_name`'s error, naming key and choices."""
+    with pytest.raises(UnknownName, match=rf"^unknown {key} 'zzz': choose one of {choices}$"):
+        call("zzz")

@@ -57,7 +57,7 @@ def test_seed_sets_every_global_generator(tmp_path):
 def test_device_choice():
     assert choose_device("cpu") == torch.device("cpu")
     assert choose_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(BatonError, match="train.device 'tpu' is not one of auto, cpu, cuda"):
+    with pytest.raises(BatonError, match=r"^unknown train.device 'tpu' \(did you mean 'cpu'\?\): choose one of auto, cpu, cuda$"):
         choose_device("tpu")
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from baton.errors import BatonError
 from baton.handoff import BackboneMeta, TextTower, write_handoff, write_text_tower
+from baton.registry import unknown_name
 from pretrain.clip.open_clip_weights import check_clip_start, write_open_clip_dir
 from pretrain.clip.model import (MAX_LOGIT_SCALE, build_clip, build_tokenizer, build_transforms, clamp_logit_scale,
                                  model_config_dict, preprocess_cfg)
@@ -43,7 +44,7 @@ class ClipMethod(PretrainMethod):
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
         if cfg.clip.accum_loss not in ACCUM_LOSSES:
-            raise BatonError(f"clip.accum_loss must be one of {', '.join(ACCUM_LOSSES)}, not {cfg.clip.accum_loss!r}")
+            raise unknown_name("clip.accum_loss", cfg.clip.accum_loss, ACCUM_LOSSES)
         self._loss_fn = None
         self._eval_tools = None
         self._device_images = None   # data.decode_on_device: set by sample_map

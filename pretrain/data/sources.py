@@ -25,6 +25,7 @@ import braceexpand
 from webdataset.utils import make_seed
 
 from baton.errors import BatonError
+from baton.registry import unknown_name
 from baton.remote import open_url, url_to_fs
 
 HINT = "run `baton shards ...` first, or fix data.train_shards"
@@ -73,7 +74,7 @@ class Sources:
     def check_enough_shards(self, mode: str, world_size: int, workers: int) -> None:
         """Epoch-exact mode needs a shard for every (rank, worker): say so now instead of hanging later."""
         if mode not in MODES:
-            raise BatonError(f"data.mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise unknown_name("data.mode", mode, MODES)
         readers = world_size * max(1, workers)
         have = self.shards_per_epoch()
         if mode == "epoch_exact" and have < readers:

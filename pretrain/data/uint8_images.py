@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torchvision import transforms as T
 
-from baton.errors import BatonError
+from baton.registry import unknown_name
 
 HANDOFFS = ("auto", "uint8", "float")
 
@@ -29,7 +29,7 @@ HANDOFFS = ("auto", "uint8", "float")
 def hands_over_uint8(setting: str, device: torch.device) -> bool:
     """`data.image_handoff`: whether the workers hand images over as uint8 on this device."""
     if setting not in HANDOFFS:
-        raise BatonError(f"data.image_handoff must be one of {', '.join(HANDOFFS)}, not {setting!r}")
+        raise unknown_name("data.image_handoff", setting, HANDOFFS)
     return setting == "uint8" or (setting == "auto" and torch.device(device).type != "cpu")
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from baton.compat import uncompiled
 from baton.distributed import DistInfo
 from baton.errors import BatonError
+from baton.registry import unknown_name
 from pretrain.dino import schedules
 from pretrain.dino.augment import MultiCrop
 from pretrain.dino.config import DinoConfig
@@ -59,7 +60,7 @@ class DinoMethod(PretrainMethod):
         super().__init__(cfg, info)
         self.dino = method_section(cfg, "dino", DinoConfig)
         if self.dino.centering not in CENTERINGS:
-            raise BatonError(f"unknown dino.centering {self.dino.centering!r}: choose one of {', '.join(CENTERINGS)}")
+            raise unknown_name("dino.centering", self.dino.centering, CENTERINGS)
         self._monitor = None  # a KnnMonitor once evaluate has run, False when dino.knn_shards is unset
 
     def model_label(self) -> str:
