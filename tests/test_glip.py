@@ -207,6 +207,33 @@ def test_hf_text_encoder_gives_token_features(tokenizer):
     assert out["logits"].shape == (1, 16, 16)
 
 
+def test_grounding_puts_a_transparent_image_on_white(tokenizer):
+    """`baton ground` reads a user's image with the project's one RGB rule: a transparent
+    background (stored black, as most RGBA files store it) is white for the model and the drawing,
+    as it was in the shards GLIP trained on."""
+    from types import SimpleNamespace
+
+    from pretrain.glip.data import GroundingSample
+    from pretrain.glip.ground import draw, ground
+    from pretrain.glip.model import GlipModel
+
+    cfg = tiny_glip()
+    net = GlipModel(cfg, len(tokenizer), tokenizer.pad_token_id).eval()
+    seen = []
+    model = lambda pixels, *tokens: seen.append(pixels) or net(pixels, *tokens)   # noqa: E731
+    image = Image.new("RGBA", (80, 48), (0, 0, 0, 0))
+    image.paste((200, 30, 30, 255), (10, 10, 30, 30))
+    found = ground(SimpleNamespace(glip=cfg, tokenizer=lambda: tokenizer), model, image, "red square")
+    samples = GroundingSample(cfg, tokenizer)
+    on_white = Image.new("RGB", image.size, (255, 255, 255))
+    on_white.paste((200, 30, 30), (10, 10, 30, 30))
+    assert torch.equal(seen[0], samples.batch_normalize(samples.resize(on_white)[None]))
+    assert [f["phrase"] for f in found] == ["red square"]
+    picture = draw(image, [])   # no box: a random model's could cross the pixel looked at
+    assert picture.mode == "RGB" and picture.getpixel((70, 40)) == (255, 255, 255)
+    assert image.mode == "RGBA" and image.getpixel((70, 40)) == (0, 0, 0, 0)
+
+
 def test_an_unknown_text_encoder_names_the_key_and_the_choices():
     from baton.registry import UnknownName
     from pretrain.glip.model import TextEncoder

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from baton.errors import BatonError
+from baton.images import rgb_on_white
 
 COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
@@ -63,7 +64,7 @@ def ground(method, model, image: Image.Image, prompt: str) -> list[dict]:
         raise BatonError(f"the prompt {prompt!r} names no phrase")
     cfg, tok = method.glip, method.tokenizer()
     samples = GroundingSample(cfg, tok)
-    pixels = samples.batch_normalize(samples.resize(image.convert("RGB"))[None])
+    pixels = samples.batch_normalize(samples.resize(rgb_on_white(image))[None])
     enc = tok(prompt, padding="max_length", truncation=True, max_length=cfg.max_tokens, return_offsets_mapping=True)
     pmap = positive_map_of(enc["offset_mapping"], [[span] for _, span in phrases], cfg.max_tokens)[None]
     out = model(pixels, torch.tensor([enc["input_ids"]]), torch.tensor([enc["attention_mask"]]))
@@ -77,7 +78,7 @@ def ground(method, model, image: Image.Image, prompt: str) -> list[dict]:
 
 
 def draw(image: Image.Image, found: list[dict]) -> Image.Image:
-    picture = image.convert("RGB").copy()
+    picture = rgb_on_white(image)   # a new image: the caller's is not drawn on
     pen = ImageDraw.Draw(picture)
     for i, f in enumerate(found):
         colour = COLOURS[i % len(COLOURS)]
