@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from baton.images import rgb_on_white
 from baton.registry import Registry
 from data_prep.images import decode
 
@@ -206,6 +207,6 @@ def normalise(img: Image.Image, size: int) -> Image.Image:
     if bbox:
         rgba = rgba.crop(bbox)
     side = round(max(rgba.size) * 1.08) + 1
-    square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-    square.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
-    return square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    square.paste(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
+    return rgb_on_white(square).resize((size, size), Image.Resampling.LANCZOS)

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from baton.errors import BatonError
+from baton.images import rgb_on_white
 from baton.io import write_json_atomic
 from data_prep.emoji_designs import Design, load_designs
 from data_prep.images import SkipSample
@@ -78,7 +79,7 @@ def overlaps(a: list[int], b: list[int], gap: int = 1) -> bool:
 def compose_scene(classes: list[EmojiClass], glyphs: dict[str, dict[str, Image.Image]], canvas: int,
                   rng: random.Random) -> tuple[Image.Image, str, list[dict[str, Any]]] | None:
     """One scene from the given classes: (RGB image, caption, regions), or None if nothing fitted."""
-    image = Image.new("RGBA", (canvas, canvas), (255, 255, 255, 255))
+    image = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))   # transparent: put on white at the end
     placed: list[tuple[list[int], EmojiClass]] = []
     for cls in classes:
         design = rng.choice(sorted(glyphs[cls.canon]))
@@ -101,7 +102,7 @@ def compose_scene(classes: list[EmojiClass], glyphs: dict[str, dict[str, Image.I
         start = len(caption)
         caption += cls.name
         regions.append({"bbox": box, "phrase": cls.name, "tokens_positive": [[start, len(caption)]]})
-    return image.convert("RGB"), caption, regions
+    return rgb_on_white(image), caption, regions
 
 
 def iter_scenes(classes: list[EmojiClass], glyphs: dict[str, dict[str, Image.Image]], n: int, canvas: int,
