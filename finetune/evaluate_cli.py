@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from baton.extras import require
 from baton.io import atomic_path, write_json_atomic
 from baton.logs import setup_logging
+from baton.run import choose_device
 from finetune.config import MAX_SKIPPED_FRACTION
 from finetune.datasets import DATASETS, load_dataset
 from finetune.evaluate import knn_excluding_self, l2_normalize, require_answerable, retrieval_metrics
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     require("faiss", "baton evaluate")  # before any work, not after embedding the split
     embedder = resolve_embedder(args.model, like=args.like, seed=args.seed)  # fail fast on a bad MODEL
     items = load_dataset(args.data_source, args.data_root, args.seed, args.max_skipped_fraction).get(args.split)
-    device = torch.device("cuda" if args.device == "cuda" or
-                          (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = choose_device(args.device)   # the rule of train.device
     images = [im for im, _, _ in items]
     labels = np.array([y for _, y, _ in items])
     names = [n for _, _, n in items]
