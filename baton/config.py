@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from baton.compat import config_child, is_free_mapping
-from baton.config_upgrade import rename_keys, upgrade_node, upgrade_override  # noqa: F401 (rename_keys: API)
+from baton.config_upgrade import upgrade_node, upgrade_override
 from baton.errors import BatonError
 from baton.registry import unknown_name
 

@@ -36,7 +36,7 @@ import torch
 
 from baton.checkpoint import latest_checkpoint, refuse_used_run_dir
 from baton.config import config_changes, to_yaml
-from baton.distributed import DEVICES, choose_device  # noqa: F401 (the loops' device: API here)
+from baton.distributed import choose_device  # noqa: F401 (the loops' device: API here)
 from baton.errors import BatonError
 from baton.io import write_text_atomic
 from baton.preemption import stop_requested

@@ -176,9 +176,10 @@ def method_section(cfg: Any, key: str, section: type[S]) -> S:
 
 def method_class(name: str) -> type[PretrainMethod]:
     """The class of method `name` (`pretrain.methods.METHODS`), or a BatonError listing the known ones."""
-    from pretrain.methods import load_attr, method_spec
+    from baton.registry import resolve
+    from pretrain.methods import METHODS
 
-    return load_attr(method_spec(name).method)
+    return resolve(METHODS[name].method)
 
 
 def build_method(cfg: "PretrainConfig", info: DistInfo) -> PretrainMethod:

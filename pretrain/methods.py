@@ -10,7 +10,6 @@ used, so loading a config imports the config modules and not the models behind t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from baton.registry import Registry, resolve
 
@@ -28,16 +27,6 @@ METHODS = Registry("method", {
 })
 
 
-def load_attr(spec: str) -> Any:
-    """The object a "module:attr" string names (`baton.registry.resolve`)."""
-    return resolve(spec)
-
-
-def method_spec(name: str) -> MethodSpec:
-    """The registry entry of method `name`, or a BatonError listing the known methods."""
-    return METHODS[name]
-
-
 def method_sections() -> dict[str, type]:
     """{method name: its config section's dataclass}: what `PretrainConfig.CHOSEN_SECTION` reads."""
-    return {name: load_attr(METHODS[name].config) for name in METHODS}
+    return {name: resolve(METHODS[name].config) for name in METHODS}
