@@ -122,6 +122,11 @@ def _glip_text_encoder(name):
     ("preprocess.interpolation", lambda n: importlib.import_module("finetune.model")._interp(n), "nearest, .*bicubic.*"),
     ("optim.schedule", _finetune_schedule, "cosine, constant"),
     ("glip.text_encoder", _glip_text_encoder, "open_clip, hf"),
+    ("clip.caption", lambda n: importlib.import_module("pretrain.data.samples").SampleToPair(None, None, n),
+     "txt, random"),
+    ("split", lambda n: importlib.import_module("finetune.datasets").Split([], []).get(n), "train, test"),
+    ("text pooling", lambda n: importlib.import_module("finetune.language.transformers_text").TransformersText("x", n),
+     "auto, mean, pooler"),
 ])
 def test_a_hand_checked_choice_is_the_same_error(key, call, choices):
     """Choices checked outside a Registry still raise `unknown_name`'s error, naming key and choices."""

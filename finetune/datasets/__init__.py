@@ -18,7 +18,7 @@ from PIL import Image
 
 from baton.errors import BatonError
 from baton.images import rgb_on_white
-from baton.registry import Registry
+from baton.registry import Registry, unknown_name
 from finetune.config import MAX_SKIPPED_FRACTION
 
 Item = tuple["Image.Image | Path", int, str]
@@ -31,7 +31,7 @@ class Split:
 
     def get(self, name: str) -> list[Item]:
         if name not in ("train", "test"):
-            raise BatonError(f"unknown split '{name}': use train or test")
+            raise unknown_name("split", name, ("train", "test"))
         return getattr(self, name)
 
 

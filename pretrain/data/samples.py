@@ -31,6 +31,7 @@ from webdataset.tariterators import base_plus_ext
 
 from baton.errors import BatonError
 from baton.images import rgb_on_white
+from baton.registry import unknown_name
 from baton.remote import open_url
 from pretrain.data.tar_reader import tar_members
 
@@ -186,7 +187,7 @@ class SampleToPair:
 
     def __init__(self, transform: Callable, tokenizer: Callable, caption: str, row_normalize: Callable | None = None):
         if caption not in ("txt", "random"):
-            raise BatonError(f"clip.caption must be 'txt' or 'random', not {caption!r}")
+            raise unknown_name("clip.caption", caption, ("txt", "random"))
         self.transform, self.tokenizer, self.caption = transform, tokenizer, caption
         self.row_normalize = row_normalize
 
