@@ -5,7 +5,8 @@ written to `run_dir/config.yaml` and stored in each checkpoint.
 
 These are the engine's keys. What is learned is the `method`, and each method owns its section,
 spelled with its name: `method: clip` reads `clip:` (`pretrain/clip/config.py`), `method: dino`
-reads `dino:` (`pretrain/dino/config.py`); `pretrain/methods.py` registers both. A loaded config
+reads `dino:` (`pretrain/dino/config.py`), `method: glip` reads `glip:` (`pretrain/glip/config.py`);
+`pretrain/methods.py` registers each. A loaded config
 is an instance of `baton.config.concrete_schema(PretrainConfig, method)`, which has that field;
 `cfg.method_section` is it. Configs of the layout before (a top-level CLIP `model:` section and a
 `dino:` section in every config) are still read: `model:` as `clip:` with a warning, and the

@@ -1,7 +1,7 @@
 """`baton pretrain CONFIG [key=value ...]`: pretraining on WebDataset shards, one loop for every method
 and strategy.
 
-What is learned is the *method* (`method: clip | dino`, pretrain/method.py); how the module is
+What is learned is the *method* (`method: clip | dino | glip`, pretrain/method.py); how the module is
 spread over ranks is the *strategy* (`train.strategy: ddp | fsdp | deepspeed`, pretrain/strategies/).
 This file is the loop between them: schedule, micro-batches, step, logging, evaluation,
 checkpoints and stop requests. One process, or one per rank under `torchrun` (gloo on CPU, nccl
