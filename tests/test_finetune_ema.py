@@ -10,7 +10,7 @@ import torch
 from baton.checkpoint import load_checkpoint, step_dirs
 from baton.errors import BatonError
 from conftest import interrupted_after
-from test_finetune_precision import finetune
+from test_finetune_precision import assert_resume_equals_uninterrupted, finetune
 from test_finetune import setup  # noqa: F401  (setup: the module fixture, shards + handoff)
 
 pytest.importorskip("open_clip")
@@ -43,21 +43,11 @@ def test_saved_model_is_the_weight_average_of_its_equation(setup):
 
 
 def test_resume_with_an_average_equals_uninterrupted(setup):
-    from safetensors.torch import load_file
-
     from finetune import train as train_mod
 
     root, handoff = setup
     extra = (f"train.ema_decay={DECAY}", "train.checkpoint_every=2")
-    full = finetune(root, handoff, "ema_full", *extra)
-    with interrupted_after(train_mod, "lr_factor", 2), pytest.raises(KeyboardInterrupt):
-        finetune(root, handoff, "ema_cut", *extra)
-    cut = finetune(root, handoff, "ema_cut", *extra, "resume=latest")
-    a = load_file(str(full / "model" / "model.safetensors"))
-    b = load_file(str(cut / "model" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
-
+    assert_resume_equals_uninterrupted(root, handoff, "ema", *extra)
     # a run written without an average, resumed with one: refused, naming both ways on
     with interrupted_after(train_mod, "lr_factor", 2), pytest.raises(KeyboardInterrupt):
         finetune(root, handoff, "plain_cut", "train.checkpoint_every=2")

@@ -64,21 +64,26 @@ def test_bf16_autocast_takes_effect_and_follows_fp32(setup):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=5e-3, msg=k)
 
 
-def test_bf16_resume_equals_uninterrupted(setup):
+def assert_resume_equals_uninterrupted(root, handoff, name: str, *extra: str) -> None:
+    """A finetuning stopped after 2 of its 4 steps and resumed saves the model, bit for bit, that
+    the same run uninterrupted saves."""
     from safetensors.torch import load_file
 
     from finetune import train as train_mod
 
-    root, handoff = setup
-    extra = ("train.precision=bf16", "train.checkpoint_every=2")
-    full = finetune(root, handoff, "bf16_full", *extra)
+    full = finetune(root, handoff, f"{name}_full", *extra)
     with interrupted_after(train_mod, "lr_factor", 2), pytest.raises(KeyboardInterrupt):
-        finetune(root, handoff, "bf16_cut", *extra)
-    cut = finetune(root, handoff, "bf16_cut", *extra, "resume=latest")
+        finetune(root, handoff, f"{name}_cut", *extra)
+    cut = finetune(root, handoff, f"{name}_cut", *extra, "resume=latest")
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(cut / "model" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_bf16_resume_equals_uninterrupted(setup):
+    root, handoff = setup
+    assert_resume_equals_uninterrupted(root, handoff, "bf16", "train.precision=bf16", "train.checkpoint_every=2")
 
 
 @pytest.mark.parametrize("value, match", [("fp16", "needs a CUDA GPU"), ("half", r"unknown train.precision 'half': choose one of auto, fp32, bf16, fp16$")])
