@@ -85,7 +85,7 @@ class TrainConfig:
     # (oneDNN) and GPU (cuDNN); the values, checkpoints and exports are the same (baton.run.to_channels_last)
     channels_last: bool = False
     eval_every: int = bounded(0, ge=0)                 # steps between method.evaluate calls, and at the end (0: never)
-    checkpoint_every: int = bounded(500, ge=1)         # steps; a checkpoint is also written at the end
+    checkpoint_every: int = bounded(500, ge=0)         # steps (0: every epoch, as in finetuning); also at the end
     keep_last: int = bounded(3, ge=0)                  # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)                 # steps between metrics.jsonl rows
     wandb_project: Optional[str] = None  # also log to Weights & Biases (needs `pip install wandb`)

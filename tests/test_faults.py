@@ -81,6 +81,14 @@ def test_pretrain_refuses_a_used_run_dir_and_resumes_past_a_dangling_pointer(tmp
         assert (run / "checkpoints" / name / "state.pt").read_bytes() == data
 
 
+def test_pretrain_checkpoint_every_0_means_every_epoch_as_in_finetuning(tmp_path, synthetic_shards):
+    run = tmp_path / "run"
+    cfg = write_tiny_config(tmp_path / "c.yaml", run, synthetic_shards, train={"checkpoint_every": 0,
+                                                                              "keep_last": 0, "epochs": 2})
+    assert cli_main(["pretrain", str(cfg)]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000008", "step_000016"]
+
+
 def test_a_non_finite_pretraining_loss_stops_with_the_step_and_keeps_the_checkpoints(tmp_path, synthetic_shards,
                                                                                      capsys):
     run = tmp_path / "run"
