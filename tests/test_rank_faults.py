@@ -277,3 +277,37 @@ def test_only_a_peers_fault_is_reported_as_one(tmp_path):
 if __name__ == "__main__":
     mode, out, shards = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     {"nonfinite": _nonfinite_worker}[mode](out, shards)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_a_killed_rank_under_sharded_strategies_resumes_bit_equal(strategy, uninterrupted, tmp_path):
+    """As above, for the strategies whose checkpoints are sharded (FSDP2's DCP, DeepSpeed ZeRO-2's
+    per-rank optimiser files): rank 1 is SIGKILLed in step 5, the survivor ends with the error, and
+    the run resumed from step 4 ends with the weights of the same run uninterrupted."""
+    from pretrain.strategies import full_model_state
+
+    cfg, _ = uninterrupted
+    chosen = [f"train.strategy={strategy}"]
+    full = tmp_path / "full"
+    codes = wait_all(start_ranks(["-m", "baton", "pretrain", str(cfg), f"run_dir={full}", *chosen],
+                                 tmp_path, "full"), 300)
+    assert codes == [0, 0], [stderr_of(tmp_path, "full", r)[-4000:] for r in (0, 1)]
+    run = tmp_path / "run"
+    procs = start_ranks(["-c", SELF_KILL, "1", "5", "SIGKILL", "pretrain", str(cfg), f"run_dir={run}", *chosen],
+                        tmp_path, "killed")
+    codes = wait_all(procs, timeout=300)
+    err = stderr_of(tmp_path, "killed", 0)
+    assert codes[1] == -signal.SIGKILL and codes[0] == 2, (codes, err[-4000:])
+    assert "error: rank 0 of 2: step 5 of 8 failed" in err and "resume=latest" in err, err[-2000:]
+    assert load_checkpoint(run)[0]["step"] == 4
+
+    codes = wait_all(start_ranks(["-m", "baton", "pretrain", str(cfg), f"run_dir={run}", "resume=latest", *chosen],
+                                 tmp_path, "resumed"), 300)
+    assert codes == [0, 0], [stderr_of(tmp_path, "resumed", r)[-4000:] for r in (0, 1)]
+    (a, meta_a), (b, meta_b) = load_checkpoint(full), load_checkpoint(run)
+    assert a["step"] == b["step"] == STEPS and a["strategy"] == b["strategy"] == strategy
+    want, got = full_model_state(meta_a["path"], a), full_model_state(meta_b["path"], b)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
