@@ -11,7 +11,8 @@ from baton.registry import Registry
 
 _COMMANDS = {  # name -> ("module:function" taking argv, one-line help)
     "shards": ("data_prep.cli:main", "write WebDataset shards from folders, CSV/TSV or the emoji designs"),
-    "pretrain": ("pretrain.train:main", "pretrain a backbone (clip, dino, glip) on shards: baton pretrain CONFIG [key=value ...]"),
+    "pretrain": ("pretrain.train:main",
+                 "pretrain a backbone (clip, dino, glip) on shards: baton pretrain CONFIG [key=value ...]"),
     "export": ("pretrain.export:main", "export a pretrain checkpoint as a backbone: baton export CHECKPOINT OUT"),
     "ground": ("pretrain.glip.ground:main", 'boxes of a prompt\'s phrases from a glip run: baton ground RUN IMAGE "prompt"'),
     "finetune": ("finetune.train:main", "finetune a backbone with a DML loss: baton finetune CONFIG [key=value ...]"),

@@ -75,8 +75,9 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 def glip_loss(out: dict, boxes: torch.Tensor, valid: torch.Tensor, positive_map: torch.Tensor,
               attention_mask: torch.Tensor, cfg: GlipConfig,
               reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity) -> tuple[torch.Tensor, dict]:
-    """The model's outputs (with "stride", the map's cell size in pixels) and a batch's targets (boxes (B, R, 4) in pixels, valid (B, R), positive_map
-    (B, R, L), attention_mask (B, L)) -> (total loss, its parts as detached 0-dim tensors). Computed in float32."""
+    """The model's outputs (with "stride", the map's cell size in pixels) and a batch's targets (boxes
+    (B, R, 4) in pixels, valid (B, R), positive_map (B, R, L), attention_mask (B, L)) -> (total loss,
+    its parts as detached 0-dim tensors). Computed in float32."""
     locations = out["locations"].float()
     logits, ltrb, ctr_logits = out["logits"].float(), out["ltrb"].float(), out["centerness"].float()
     stride = float(out["stride"])   # a Python float from the model: reading it off `locations` would sync the device
