@@ -21,6 +21,9 @@ class DataConfig:
     crop_padding: int = bounded(0, ge=0)           # random crop of the image padded by this many pixels (a shift); 0 = off
     hflip: bool = False             # mirrored emoji can be other classes, so off by default
     test_resize: int = bounded(0, ge=0)            # >image size: test images resized (shorter side) to this, centre-cropped
+    # 0: images at the handoff's preprocess image_size; N: trained and tested at N x N instead (a
+    # convnet takes any size: GLIP's 128 px scene backbone on 64 px images), saved with the model
+    image_size: int = bounded(0, ge=0)
     # the share of a split's samples that may be skipped (bad image, no class, bad json, an
     # unreadable file) or lost (a truncated shard) before loading fails naming the shards or
     # files; below it they are counted (baton/skips.py)

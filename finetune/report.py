@@ -2,7 +2,8 @@
 [--grid retrieval_grid.png]`
 
 Collects `baton evaluate` outputs into one markdown table (Recall@1/2/4/8, MAP@R, NMI per row, in
-the order given, so the story reads top-down: pixels, random init, pretrained, finetuned), plots
+the order given, so the story reads top-down: pixels, random init, pretrained, finetuned; the
+evaluations of GLIP runs, grounding R@1/5 and detection mAP, in a table of their own), plots
 the training loss curves next to it (loss_curves.png), links a retrieval grid, writes the same
 numbers to report.json and prints the table.
 
@@ -24,6 +25,10 @@ from baton.io import atomic_path, write_json_atomic, write_text_atomic
 from baton.logs import read_metrics
 from finetune.results import COLUMNS, write_results
 
+# (metric key of `baton evaluate GLIP_RUN`'s metrics.json, column title): the grounding table
+GROUNDING_COLUMNS = [("grounding_r1", "grounding R@1"), ("grounding_r5", "grounding R@5"),
+                     ("zero_shot_map", "detection mAP"), ("zero_shot_map50", "detection mAP@50")]
+
 
 def _pair(text: str, flag: str) -> tuple[str, Path]:
     if "=" not in text:
@@ -39,14 +44,24 @@ def read_row(name: str, path: Path) -> dict:
     return {"name": name, "path": str(f), **json.loads(f.read_text())}
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> str:
     def cell(v) -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
-    lines = ["| model | " + " | ".join(t for _, t in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    lines += ["| " + r["name"] + " | " + " | ".join(cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    lines = ["| model | " + " | ".join(t for _, t in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    lines += ["| " + r["name"] + " | " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def ranking_key(row: dict) -> str:
+    """The metric a row is ordered and tabled by: Recall@1 of a retrieval evaluation, grounding R@1
+    of a GLIP run's (`baton evaluate GLIP_RUN`)."""
+    for key in ("recall@1", "grounding_r1"):
+        if key in row:
+            return key
+    raise BatonError(f"--row {row['name']}: {row['path']} has neither retrieval (recall@1) nor grounding "
+                     f"(grounding_r1) scores; is it a `baton evaluate` metrics.json?")
 
 
 def _loss_key(rows: list[dict]) -> str | None:
@@ -94,10 +109,16 @@ def check_order(rows: list[dict], names: list[str], strict: bool = True) -> tupl
         flag = "--expect-increasing" if strict else "--expect-not-decreasing"
         raise BatonError(f"{flag} names rows that are not in the table: {', '.join(missing)} "
                          f"(rows: {', '.join(by_name)})")
-    values = [by_name[n]["recall@1"] for n in names]
+    keys = {ranking_key(by_name[n]) for n in names}
+    if len(keys) > 1:
+        raise BatonError(f"expected ordering {', '.join(names)}: mixes retrieval and grounding rows "
+                         f"({', '.join(sorted(keys))}); order rows of one kind")
+    key = keys.pop()
+    values = [by_name[n][key] for n in names]
     holds = all((a < b) if strict else (a <= b) for a, b in zip(values, values[1:]))
     chain = (" < " if strict else " <= ").join(f"{n} ({100 * v:.1f})" for n, v in zip(names, values))
-    return holds, f"Expected Recall@1 ordering {chain}: **{'holds' if holds else 'does NOT hold'}**."
+    title = "Recall@1" if key == "recall@1" else "grounding R@1"
+    return holds, f"Expected {title} ordering {chain}: **{'holds' if holds else 'does NOT hold'}**."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in curves:
         if not path.is_file():
             raise BatonError(f"--loss-curve {name}: {path} does not exist")
-    table = markdown_table(rows)
-    md = [f"# {args.title}", "", "Percentages; queries are all held-out images, each against the rest.", "",
-          table, ""]
-    first = rows[0]
-    md += [f"{first.get('n_queries', '?')} queries over {first.get('n_classes', '?')} classes.", ""]
+    retrieval = [r for r in rows if ranking_key(r) == "recall@1"]
+    grounding = [r for r in rows if ranking_key(r) == "grounding_r1"]
+    md = [f"# {args.title}", ""]
+    tables = []
+    if retrieval:
+        tables.append(markdown_table(retrieval))
+        first = retrieval[0]
+        md += ["Percentages; queries are all held-out images, each against the rest.", "", tables[-1], "",
+               f"{first.get('n_queries', '?')} queries over {first.get('n_classes', '?')} classes.", ""]
+    if grounding:
+        tables.append(markdown_table(grounding, GROUNDING_COLUMNS))
+        md += ["## Grounding" if retrieval else "Percentages.", "",
+               "Phrase grounding Recall@1/5 (a phrase's top box at IoU >= 0.5, Flickr30k's protocol) and "
+               "detection mAP (COCO's, torchmetrics) with the scenes' class names as the prompt.", "",
+               tables[-1], ""]
+        md += [f"- {r['name']}: {int(r.get('grounding_regions', 0))} regions"
+               + (f", {int(r['zero_shot_classes'])} prompted classes" if "zero_shot_classes" in r else "")
+               + f" ({r.get('shards', '?')})" for r in grounding] + [""]
+    table = "\n\n".join(tables)
     checks = [check_order(rows, [n.strip() for n in chain.split(",")], strict)
               for flag, strict in ((args.expect_increasing, True), (args.expect_not_decreasing, False))
               for chain in flag]

@@ -110,6 +110,26 @@ def build_ema(model: torch.nn.Module, decay: float):
     return ModelEmaV3(model, decay=decay, use_warmup=True)
 
 
+@torch.no_grad()
+def resize_input(backbone: torch.nn.Module, meta, size: int):
+    """The handoff's metadata at input size `size` (data.image_size), once one image of that size
+    has gone through the backbone and given its embedding width."""
+    was = backbone.training
+    backbone.eval()
+    try:
+        width = backbone(torch.zeros(1, 3, size, size)).shape[-1]
+    except Exception as e:  # noqa: BLE001 - a ViT's fixed position embedding, a map that shrinks to nothing
+        raise BatonError(f"data.image_size={size}: the backbone {meta.architecture} does not take "
+                         f"{size} x {size} images ({type(e).__name__}: {e}); use its own size "
+                         f"{meta.preprocess.get('image_size')} (data.image_size=0)") from None
+    finally:
+        backbone.train(was)
+    if width != meta.embedding_dim:
+        raise BatonError(f"data.image_size={size}: the backbone {meta.architecture} gives {width} features "
+                         f"at that size, not its {meta.embedding_dim}; use data.image_size=0")
+    return meta.replace(preprocess={**meta.preprocess, "image_size": size})
+
+
 def run(cfg: FinetuneConfig) -> dict:
     """Train, save `run_dir/model/`, evaluate; returns a summary (steps, last loss, metrics)."""
     run_dir = Path(cfg.run_dir)
@@ -129,6 +149,8 @@ def run(cfg: FinetuneConfig) -> dict:
         n_queries = require_answerable([y for _, y, _ in data.test], f"{cfg.data.root} (test split)")
         require("faiss", "train.eval_at_end (the held-out metrics after training)")  # and no faiss too
     backbone, backbone_meta = load_backbone(cfg.backbone)
+    if cfg.data.image_size:   # saved with the model too
+        backbone_meta = resize_input(backbone, backbone_meta, cfg.data.image_size)
     if cfg.data.test_resize:  # saved with the model, so `baton evaluate` crops the same way
         backbone_meta = backbone_meta.replace(preprocess={**backbone_meta.preprocess, "resize": cfg.data.test_resize})
     model = EmbeddingModel(backbone, backbone_meta.embedding_dim, cfg.model.embedding_dim or None,

@@ -173,3 +173,46 @@ def test_evaluate_missing_model_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "nope" in err and "does not exist" in err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_data_image_size_trains_and_tests_at_that_size_and_saves_it(setup, tmp_path):
+    """data.image_size: a convnet handoff of 64 px finetuned and evaluated on 32 px images at 32 px;
+    the saved model keeps the size, and `baton evaluate` embeds as the model in memory at that size.
+    A backbone that cannot take the size is refused naming the key."""
+    import timm
+
+    from baton.errors import BatonError
+    from finetune.config import FinetuneConfig
+    from finetune.datasets import load_dataset
+    from finetune.model import build_transform, embed_images, load_embedding_model
+    from finetune.train import run
+    from pretrain.models import register_timm_models
+    from pretrain.timm_weights import export_timm_backbone
+
+    register_timm_models()
+    root, vit = setup
+    torch.manual_seed(0)
+    net = timm.create_model("small_convnet", num_classes=0)
+    convnet = export_timm_backbone(tmp_path / "convnet", timm.create_model("small_convnet", num_classes=0),
+                                   net.state_dict(), "test", "small_convnet",
+                                   {"model_name": "small_convnet", "num_classes": 0},
+                                   {"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                    "interpolation": "bilinear"}, {"method": "test"})
+    args = overrides(root, convnet, "sized", "train.epochs=1", "train.steps_per_epoch=2", "data.image_size=32")
+    run(load_config(FinetuneConfig, None, args))
+    model, meta = load_embedding_model(root / "sized")
+    assert meta["preprocess"]["image_size"] == 32 and meta["backbone"]["preprocess"]["image_size"] == 32
+    test = load_dataset("shards", root / "data").test
+    images = [im for im, _, _ in test]
+    seen = []
+    real_forward = model.backbone.forward
+    model.backbone.forward = lambda x: seen.append(tuple(x.shape[-2:])) or real_forward(x)
+    emb = embed_images(model, build_transform(meta["preprocess"]), images[:4])
+    assert seen == [(32, 32)] and emb.shape == (4, 16)
+    out = tmp_path / "eval"
+    assert cli(["evaluate", str(root / "sized"), "--data-source", "shards", "--data-root", str(root / "data"),
+                "--out", str(out), "--save-embeddings", "--no-grid"]) == 0
+    model.backbone.forward = real_forward
+    np.testing.assert_allclose(np.load(out / "embeddings.npy")[:4], emb, atol=1e-6)
+    with pytest.raises(BatonError, match="data.image_size=48: the backbone test-tiny-vit does not take 48 x 48"):
+        run(load_config(FinetuneConfig, None, overrides(root, vit, "vit48", "train.epochs=1", "data.image_size=48")))

@@ -23,7 +23,7 @@ def batches(tmp_path_factory) -> list[tuple]:
     return [tuple(t[:8] for t in batch), tuple(t[8:] for t in batch)]
 
 
-def method_and_strategy(strategy: str, precision: str = "fp32"):
+def method_and_strategy(strategy: str, precision: str = "fp32", **glip):
     from baton.config import load_config
     from baton.distributed import DistInfo
     from pretrain.config import PretrainConfig
@@ -32,7 +32,7 @@ def method_and_strategy(strategy: str, precision: str = "fp32"):
 
     cfg = load_config(PretrainConfig, None, ["method=glip", f"train.strategy={strategy}",
                                              f"train.precision={precision}", "optim.lr=3e-3", "optim.grad_clip=1.0"])
-    cfg.glip = tiny_glip()
+    cfg.glip = tiny_glip(**glip)
     info = DistInfo()
     method = GlipMethod(cfg, info)
     torch.manual_seed(0)
@@ -53,6 +53,26 @@ def train_steps(method, s, net, batches: list[tuple]) -> list[float]:
         s.after_step(i, len(batches))
         losses.append(float(loss.detach()))
     return losses
+
+
+def test_lock_text_trains_everything_but_the_text_encoder(batches):
+    """glip.lock_text: the text encoder keeps its starting weights and stays in eval mode while every
+    other part learns, and the optimiser is not given its weights."""
+    method, s, net = method_and_strategy("ddp", lock_text=True)
+    text_before = {k: v.clone() for k, v in net.text.state_dict().items()}
+    rest_before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("text.")}
+    net.train()
+    assert not net.text.training and net.fusion.training
+    train_steps(method, s, net, batches)
+    assert all(torch.equal(v, text_before[k]) for k, v in net.text.state_dict().items())
+    moved = {k for k, v in net.state_dict().items() if not k.startswith("text.") and not torch.equal(v, rest_before[k])}
+    assert {"text_in.weight", "bias0"} <= moved
+    assert any(k.startswith("backbone.") for k in moved) and any(k.startswith("fusion.") for k in moved)
+    in_optimizer = {id(p) for g in method.param_groups(net) for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in net.text.parameters())
+    unlocked = method_and_strategy("ddp")[2]
+    unlocked.train()
+    assert unlocked.text.training and all(p.requires_grad for p in unlocked.text.parameters())
 
 
 def test_bf16_autocast_on_cpu_matches_fp32_to_bf16_accuracy(batches):

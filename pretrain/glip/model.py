@@ -146,6 +146,17 @@ class GlipModel(nn.Module):
         nn.init.zeros_(self.token_bias.weight)
         nn.init.zeros_(self.token_bias.bias)
 
+    def lock_text(self) -> None:
+        """glip.lock_text: the text encoder's weights are frozen and it stays in eval mode."""
+        self.text.requires_grad_(False)
+        self.text.eval()
+
+    def train(self, mode: bool = True) -> "GlipModel":
+        super().train(mode)
+        if self.cfg.lock_text:
+            self.text.eval()
+        return self
+
     @torch.no_grad()
     def _probe_map(self) -> tuple[int, tuple[int, int]]:
         """Channels and (h, w) of the backbone's map at glip.image_size (one zero image, eval mode:
