@@ -107,7 +107,21 @@ def checked_box(bbox: Any, width: int, height: int) -> list[float] | str:
         return "bad_annotation"
     if w <= 0 or h <= 0:
         return "empty_box"
-    x0, y0, x1, y1 = x, y, x + w, y + h
+    return checked_corners([x, y, x + w, y + h], width, height)
+
+
+def checked_corners(bbox: Any, width: int, height: int) -> list[float] | str:
+    """[x0, y0, x1, y1] pixels (ODVG's and baton's box) inside the image, or the skip reason:
+    `bad_annotation` (not four finite numbers), `empty_box` (x1 <= x0 or y1 <= y0: no area, or
+    the corners swapped), `box_outside_image` (as `checked_box`; within the tolerance: clipped)."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return "bad_annotation"
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return "bad_annotation"
+    if x1 <= x0 or y1 <= y0:
+        return "empty_box"
     if x0 < -BOX_TOLERANCE or y0 < -BOX_TOLERANCE or x1 > width + BOX_TOLERANCE or y1 > height + BOX_TOLERANCE:
         return "box_outside_image"
     x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
@@ -116,20 +130,43 @@ def checked_box(bbox: Any, width: int, height: int) -> list[float] | str:
     return [x0, y0, x1, y1]
 
 
+def checked_spans(spans: object, caption: str) -> list[list[int]] | None:
+    """`tokens_positive` as [[start, end], ...] of integers with 0 <= start < end <= len(caption),
+    or None (no span, a span that is not two integers, or one outside the caption)."""
+    if not isinstance(spans, list) or not spans:
+        return None
+    out = []
+    for span in spans:
+        if not isinstance(span, (list, tuple)) or len(span) != 2 or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
+            return None
+        start, end = span
+        if not 0 <= start < end <= len(caption):
+            return None
+        out.append([start, end])
+    return out
+
+
+def sized_image(path: Path, declared: tuple[Any, Any], sizes: ImageSizes, where: str) -> tuple[int, int] | Skip:
+    """The real (width, height) of `path`, or the Skip of the whole sample: missing, undecodable, or
+    `size_mismatch` when the annotation declares another size (`declared`: (None, None) if not)."""
+    size = sizes(path)
+    if isinstance(size, str):
+        return Skip(size, f"{where}: {path}")
+    if None not in declared and tuple(declared) != size:
+        return Skip("size_mismatch", f"{where}: {path} is {size[0]}x{size[1]}, the json says "
+                                     f"{declared[0]}x{declared[1]}")
+    return size
+
+
 def image_of(entry: Any, images: Path, sizes: ImageSizes, where: str) -> tuple[Path, tuple[int, int]] | Skip:
     """The file and real size of one `images` entry, or the Skip of the whole sample."""
     if (not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str)
             or not isinstance(entry.get("id"), (int, str))):
         return Skip("bad_image_entry", where)
     path = images / entry["file_name"]
-    size = sizes(path)
-    if isinstance(size, str):
-        return Skip(size, f"{where}: {path}")
-    declared = (entry.get("width"), entry.get("height"))
-    if None not in declared and tuple(declared) != size:
-        return Skip("size_mismatch", f"{where}: {path} is {size[0]}x{size[1]}, the json says "
-                                     f"{declared[0]}x{declared[1]}")
-    return path, size
+    size = sized_image(path, (entry.get("width"), entry.get("height")), sizes, where)
+    return size if isinstance(size, Skip) else (path, size)
 
 
 def image_entries(data: dict, ann_file: Path, images: Path) -> Iterator[tuple | Skip]:

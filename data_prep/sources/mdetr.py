@@ -26,28 +26,12 @@ from typing import Iterator
 
 from baton.errors import BatonError
 from data_prep import options
-from data_prep.coco_json import checked_box, grounding_item, image_entries, load_coco_json
+from data_prep.coco_json import checked_box, checked_spans, grounding_item, image_entries, load_coco_json
 from data_prep.items import Item
 from data_prep.writer import Skip
 
 NAME = "mdetr"
 HELP = "MDETR's COCO-style grounding json (Flickr30k Entities, RefCOCO) + image folder -> grounding shards"
-
-
-def checked_spans(spans: object, caption: str) -> list[list[int]] | None:
-    """`tokens_positive` as [[start, end], ...] inside the caption, or None."""
-    if not isinstance(spans, list) or not spans:
-        return None
-    out = []
-    for span in spans:
-        try:
-            start, end = (int(v) for v in span)
-        except (TypeError, ValueError):
-            return None
-        if not 0 <= start < end <= len(caption):
-            return None
-        out.append([start, end])
-    return out
 
 
 def regions_of(anns: list[dict], caption: str, size: tuple[int, int], where: str) -> Iterator[dict | Skip]:
