@@ -178,6 +178,45 @@ def test_sample_map_scales_boxes_drops_cut_and_extra_regions(tokenizer):
         GroundingSample(cfg, tokenizer)({"__key__": "k", "png": png(8, 8), "json": b'{"caption": "x"}'}, 0)
 
 
+@pytest.mark.parametrize("region", [
+    {"bbox": [1, 2, 30], "tokens_positive": [[0, 3]]},                  # three numbers
+    {"bbox": [1, 2, float("inf"), 30], "tokens_positive": [[0, 3]]},    # not finite
+    {"bbox": [1, 2, 30, 30], "tokens_positive": [[0, 3, 5]]},           # a span of three
+    {"bbox": [1, 2, 30, 30], "tokens_positive": [[0.5, 3]]},            # not integers
+    {"bbox": {"x": 1}, "tokens_positive": [[0, 3]]}, "a string"])
+def test_sample_map_rejects_a_malformed_region_in_training_and_evaluation(tokenizer, region):
+    """A broken region rejects the scene as bad_json (skipped and counted by the loader and the
+    evaluation reader), never an IndexError out of a worker or an infinite box trained on."""
+    from pretrain.data import Rejected
+    from pretrain.glip.data import GroundingSample
+
+    if isinstance(region, dict):
+        region = {**region, "phrase": "cat"}
+    record = json.dumps({"caption": "cat face", "regions": [region]}).encode()
+    sample = {"__key__": "k", "png": png(64, 64), "json": record}
+    mapper = GroundingSample(tiny_glip(), tokenizer)
+    with pytest.raises(Rejected, match="bad_json"):
+        mapper(sample, 0)
+    with pytest.raises(Rejected, match="bad_json"):
+        mapper.objects(sample)
+
+
+def test_sample_map_clips_boxes_to_the_image_and_drops_what_is_left_of_none(tokenizer):
+    from pretrain.glip.data import GroundingSample
+
+    cfg = tiny_glip()    # image_size 64: a 128 x 64 image scales x by 1/2
+    regions = [{"bbox": [-5, 10, 140, 70], "phrase": "cat", "tokens_positive": [[0, 3]]},     # clipped
+               {"bbox": [200, 10, 300, 40], "phrase": "cat", "tokens_positive": [[0, 3]]},    # past the image
+               {"bbox": [50, 40, 10, 20], "phrase": "cat", "tokens_positive": [[0, 3]]}]      # swapped corners
+    sample = {"__key__": "k", "png": png(128, 64),
+              "json": json.dumps({"caption": "cat face", "regions": regions}).encode()}
+    mapper = GroundingSample(cfg, tokenizer)
+    _, _, _, boxes, valid, _ = mapper(sample, 0)
+    assert valid.sum() == 1
+    torch.testing.assert_close(boxes[0], torch.tensor([0., 10., 64., 64.]))
+    assert mapper.objects(sample)[1] == [("cat", [0., 10., 64., 64.])]
+
+
 def test_model_outputs_and_prior_at_initialisation(tokenizer):
     from pretrain.glip.model import GlipModel
 

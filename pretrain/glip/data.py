@@ -8,6 +8,11 @@ That is how GLIP turns spans into token targets (`create_positive_map`), via the
 offset mapping. A box whose phrase was cut off by `glip.max_tokens` has no token left and is
 dropped; boxes beyond `glip.max_regions` are dropped (the loader stacks fixed shapes).
 
+Each region is checked (`checked_regions`): a box that is not four finite numbers, or spans that are
+not [start, end] integer pairs, reject the sample (`bad_json`: the record is broken, not one box);
+a box is clipped to the image and dropped when nothing of it is left (past the image, no area, or
+swapped corners), as GLIP's loader clips (`BoxList.clip_to_image(remove_empty=True)`).
+
 Per sample: (image, input_ids (L,), attention_mask (L,), boxes (R, 4) float pixels at
 glip.image_size, box_valid (R,), positive_map (R, L)). The image is a uint8 tensor, normalised by
 the loader's workers (`row_normalize`) or on the device, as the method places it (as DINO's crops).
@@ -16,6 +21,8 @@ the loader's workers (`row_normalize`) or on the device, as the method places it
 from __future__ import annotations
 
 from typing import Any
+
+import math
 
 import torch
 from torchvision import transforms as T
@@ -37,6 +44,28 @@ def positive_map_of(offsets: list[tuple[int, int]], spans_per_box: list[list[lis
     return out
 
 
+def checked_regions(regions: list, width: int, height: int) -> list[tuple[list[float], list[list[int]], Any]]:
+    """(box clipped to the width x height image, spans, phrase) of each region with a box left; Rejected
+    (bad_json) naming the region when one is malformed (see the module's docstring)."""
+    out = []
+    for n, r in enumerate(regions):
+        try:
+            box = [float(v) for v in r["bbox"]]
+            spans = [list(s) for s in r["tokens_positive"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise Rejected("bad_json", f"region {n} lacks a bbox/tokens_positive list: {e!r}") from None
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            raise Rejected("bad_json", f"region {n}: bbox {r['bbox']!r} is not four finite numbers")
+        if not all(len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s) for s in spans):
+            raise Rejected("bad_json", f"region {n}: tokens_positive {r['tokens_positive']!r} is not "
+                                       f"[[start, end], ...] of integers")
+        x0, y0 = max(box[0], 0.0), max(box[1], 0.0)
+        x1, y1 = min(box[2], float(width)), min(box[3], float(height))
+        if x1 > x0 and y1 > y0:
+            out.append(([x0, y0, x1, y1], spans, r.get("phrase")))
+    return out
+
+
 class GroundingSample:
     """(raw webdataset sample, seed) -> the tensors above, or `Rejected` (bad_json for a record
     without caption/regions, missing_caption for an empty caption, bad_image)."""
@@ -50,27 +79,23 @@ class GroundingSample:
     def record(self, sample: dict) -> dict:
         return grounding_record(sample["json"])   # the check the shared shard reader makes
 
-    def encode(self, caption: str, regions: list[dict], scale_xy: tuple[float, float]) -> tuple[torch.Tensor, ...]:
-        """Token ids, mask, boxes, valid and positive map of one caption and its regions."""
+    def encode(self, caption: str, regions: list[dict], size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """Token ids, mask, boxes, valid and positive map of one caption and its regions on an image of
+        `size` (width, height) pixels, the boxes scaled to glip.image_size."""
         cfg = self.cfg
         enc = self.tokenizer(caption, padding="max_length", truncation=True, max_length=cfg.max_tokens,
                              return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"], dtype=torch.long)
         mask = torch.tensor(enc["attention_mask"], dtype=torch.long)
-        try:
-            spans = [[list(map(int, s)) for s in r["tokens_positive"]] for r in regions]
-            raw_boxes = [[float(v) for v in r["bbox"]] for r in regions]
-        except (KeyError, TypeError, ValueError) as e:
-            raise Rejected("bad_json", f"a region lacks bbox/tokens_positive: {e}") from None
-        pmap = positive_map_of(enc["offset_mapping"], spans, cfg.max_tokens)
-        sx, sy = scale_xy
-        keep = [r for r in range(len(regions)) if pmap[r].any() and raw_boxes[r][2] > raw_boxes[r][0]
-                and raw_boxes[r][3] > raw_boxes[r][1]][:cfg.max_regions]
+        found = checked_regions(regions, *size)
+        pmap = positive_map_of(enc["offset_mapping"], [spans for _, spans, _ in found], cfg.max_tokens)
+        sx, sy = cfg.image_size / size[0], cfg.image_size / size[1]
+        keep = [r for r in range(len(found)) if pmap[r].any()][:cfg.max_regions]
         boxes = torch.zeros(cfg.max_regions, 4)
         valid = torch.zeros(cfg.max_regions)
         positive = torch.zeros(cfg.max_regions, cfg.max_tokens)
         for j, r in enumerate(keep):
-            x0, y0, x1, y1 = raw_boxes[r]
+            x0, y0, x1, y1 = found[r][0]
             boxes[j] = torch.tensor([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
             valid[j] = 1.0
             positive[j] = pmap[r]
@@ -81,8 +106,7 @@ class GroundingSample:
             raise Rejected("bad_json", "no grounding record (key.json)")
         rec = self.record(sample)
         image = decode_image(sample)
-        scale = (self.cfg.image_size / image.width, self.cfg.image_size / image.height)
-        return (self.resize(image), *self.encode(rec["caption"], rec["regions"], scale))
+        return (self.resize(image), *self.encode(rec["caption"], rec["regions"], image.size))
 
     def objects(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[str, list[float]]]]:
         """(uint8 image at glip.image_size, [(phrase, box scaled to it), ...] of every region): what
@@ -92,10 +116,8 @@ class GroundingSample:
         rec = self.record(sample)
         image = decode_image(sample)
         sx, sy = self.cfg.image_size / image.width, self.cfg.image_size / image.height
-        try:
-            found = [(str(r["phrase"]), [float(r["bbox"][0]) * sx, float(r["bbox"][1]) * sy,
-                                         float(r["bbox"][2]) * sx, float(r["bbox"][3]) * sy])
-                     for r in rec["regions"]]
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise Rejected("bad_json", f"a region lacks phrase/bbox: {e}") from None
-        return self.resize(image), [(p, b) for p, b in found if b[2] > b[0] and b[3] > b[1]]
+        found = checked_regions(rec["regions"], *image.size)
+        if not all(isinstance(phrase, str) and phrase.strip() for _, _, phrase in found):
+            raise Rejected("bad_json", "a region's phrase is not a non-empty string")
+        return self.resize(image), [(phrase, [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])
+                                    for box, _, phrase in found]
