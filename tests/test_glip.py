@@ -273,6 +273,58 @@ def test_grounding_puts_a_transparent_image_on_white(tokenizer):
     assert image.mode == "RGBA" and image.getpixel((70, 40)) == (0, 0, 0, 0)
 
 
+def test_ground_refuses_phrases_past_max_tokens_and_clips_boxes_to_the_image(tokenizer):
+    """A phrase no token of which reaches the model is refused by name (its box would be any box);
+    the boxes printed lie inside the image."""
+    from types import SimpleNamespace
+
+    from baton.errors import BatonError
+    from pretrain.glip.ground import ground
+    from pretrain.glip.model import GlipModel
+
+    cfg = tiny_glip(max_tokens=8)
+    torch.manual_seed(0)
+    net = GlipModel(cfg, len(tokenizer), tokenizer.pad_token_id).eval()
+    method = SimpleNamespace(glip=cfg, tokenizer=lambda: tokenizer)
+    image = Image.new("RGB", (80, 48), (200, 30, 30))
+    with pytest.raises(BatonError, match=r"glip.max_tokens=8 .*'cat face' would not reach the model"):
+        ground(method, net, image, "red square. blue circle and a long tail. cat face")
+    for f in ground(method, net, image, "red square. blue circle"):
+        x0, y0, x1, y1 = f["box"]
+        assert 0 <= x0 <= x1 <= 80 and 0 <= y0 <= y1 <= 48
+
+
+@pytest.mark.parametrize("case", ["missing", "not_an_image", "truncated", "bomb", "out_folder", "out_format"])
+def test_ground_refuses_a_bad_image_or_out_before_loading_the_run(tmp_path, case, capsys):
+    from baton.cli import main as baton_main
+
+    good = tmp_path / "ok.png"
+    good.write_bytes(png(16, 16))
+    image, out = good, tmp_path / "drawn.png"
+    if case == "not_an_image":
+        image = tmp_path / "x.png"
+        image.write_text("hello")
+    elif case == "truncated":
+        image = tmp_path / "x.png"
+        image.write_bytes(png(16, 16)[:50])
+    elif case == "bomb":    # a header declaring 2^30 pixels: Pillow's DecompressionBombError
+        image = tmp_path / "x.png"
+        import struct
+        import zlib
+        ihdr = struct.pack(">IIBBBBB", 32768, 32768, 8, 2, 0, 0, 0)
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                          + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    elif case == "missing":
+        image = tmp_path / "missing.png"
+    elif case == "out_folder":
+        out = tmp_path / "no" / "drawn.png"
+    else:
+        out = tmp_path / "drawn.foo"
+    assert baton_main(["ground", str(tmp_path / "no-run"), str(image), "cat", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (str(image) if case not in ("out_folder", "out_format") else "--out") in err
+
+
 def test_an_unknown_text_encoder_names_the_key_and_the_choices():
     from baton.registry import UnknownName
     from pretrain.glip.model import TextEncoder
