@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from baton.errors import BatonError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -36,6 +38,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def output_dir(path: str | os.PathLike, what: str) -> Path:
+    """The output directory `path`, created if missing, before any work is done for it; BatonError
+    naming `what` (the flag or key that set it) when it cannot be one (a file is there, a parent is
+    a file, no permission), instead of a traceback after the work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BatonError(f"{what} {path} exists and is not a directory; pass a directory") from None
+    except OSError as e:
+        raise BatonError(f"{what} {path}: cannot create the directory ({e.strerror or e}); pass another one") from None
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -54,7 +70,5 @@ def seconds_from_env(name: str, default: float) -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        from baton.errors import BatonError
-
         raise BatonError(f"{name}={raw!r}: expected a number of seconds > 0")
     return value

@@ -31,7 +31,9 @@ def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.L
     h.setFormatter(logging.Formatter(_FMT, "%H:%M:%S"))
     root.addHandler(h)
     if run_dir is not None and rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        from baton.io import output_dir
+
+        output_dir(run_dir, "run_dir")
         fh = logging.FileHandler(Path(run_dir) / "log.txt")
         fh.setFormatter(logging.Formatter(_FMT))
         root.addHandler(fh)

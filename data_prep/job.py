@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from baton.errors import BatonError
-from baton.io import write_json_atomic
+from baton.io import output_dir, write_json_atomic
 from baton.progress import progress_bar
 from data_prep.items import Item, PrepOptions, content_hash, process_item
 from data_prep.writer import SIZES, STATS, Keys, Sample, ShardFiles, Skip
@@ -231,8 +231,7 @@ def _duplicates(plan: Plan, out: Path, prep: PrepOptions, layout: JobLayout) -> 
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BatonError(f"output {out} exists and is not a directory; pass a directory with --out")
+    output_dir(out, "--out")
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     (out / STATS).unlink(missing_ok=True)  # the directory is incomplete until stats.json is back
     (out / SIZES).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from baton.extras import require
-from baton.io import atomic_path, write_json_atomic
+from baton.io import atomic_path, output_dir, write_json_atomic
 from baton.logs import setup_logging
 from baton.run import choose_device
 from finetune.config import MAX_SKIPPED_FRACTION
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     given = given_flags(argv, p)
+    output_dir(args.out, "--out")   # before any work: never a traceback after the embedding pass
     step_dir = glip_checkpoint(args.model, grounding="--shards" in given)
     if step_dir is not None:
         return run_glip(args, given, step_dir)

@@ -17,6 +17,7 @@ from baton.config import from_yaml
 from baton.distributed import DistInfo
 from baton.errors import BatonError
 from baton.handoff import foreign_checkpoint_hint
+from baton.io import output_dir
 from pretrain.config import PretrainConfig
 from pretrain.method import build_method
 from pretrain.strategies import full_model_state
@@ -28,13 +29,15 @@ USAGE = ("usage: baton export CHECKPOINT OUT\n"
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export and return OUT. Raises BatonError when the checkpoint is missing or not a pretrain run."""
+    """Export and return OUT. Raises BatonError when the checkpoint is missing or not a pretrain run,
+    or OUT cannot be a directory."""
     foreign = foreign_checkpoint_hint(checkpoint)
     if foreign:
         raise BatonError(f"baton export converts `baton pretrain` runs, and {checkpoint} is not one; {foreign}")
     state, meta = load_checkpoint(checkpoint)
     if "config" not in state or "step" not in state:
         raise BatonError(f"{meta['path']} is not a `baton pretrain` checkpoint (no config/step in its state)")
+    output_dir(out, "OUT")   # before the export's work: a file there is an error naming it, not a traceback
     cfg = from_yaml(PretrainConfig, state["config"])
     method = build_method(cfg, DistInfo())
     method.source = {"checkpoint": str(Path(meta["path"]).resolve()), "step": int(state["step"])}

@@ -344,3 +344,26 @@ def test_a_stuck_rank_makes_the_others_fail_with_an_error_naming_the_rank(tmp_pa
     procs[1].wait()
     assert procs[0].returncode == 3 and time.time() - t0 < 45, out
     assert "rank 0 of 2: a barrier failed" in out and "BATON_COLLECTIVE_TIMEOUT_S=3" in out
+
+
+def test_an_output_path_that_cannot_be_a_directory_is_refused_before_the_work(tmp_path, synthetic_shards, capsys):
+    """A file where an output directory goes (or under it): pretrain's run_dir, evaluate's and
+    shards' --out, export's OUT each stop with an error naming the flag, before any work, never a
+    FileExistsError traceback after it (evaluate's metrics, an export, lost)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cfg = write_tiny_config(tmp_path / "c.yaml", a_file, synthetic_shards, train={"max_steps": 1})
+    jsonl = tmp_path / "ann.jsonl"
+    jsonl.write_text("{}\n")
+    run = tmp_path / "run"
+    for argv, named in ([["pretrain", str(cfg)], "run_dir"],
+                        [["evaluate", "pixels", "--data-root", str(synthetic_shards), "--out", str(a_file)], "--out"],
+                        [["shards", "odvg", str(jsonl), "--out", str(a_file / "sub")], "--out"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{named} {a_file}" in err and "Traceback" not in err
+    write_tiny_config(tmp_path / "c2.yaml", run, synthetic_shards, train={"max_steps": 1})
+    assert cli_main(["pretrain", str(tmp_path / "c2.yaml")]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(run), str(a_file)]) == 2
+    assert f"OUT {a_file} exists and is not a directory" in capsys.readouterr().err
