@@ -50,6 +50,20 @@ def wandb_run_id(run_dir: str | Path) -> str:
     return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
 
 
+def end_partial_line(path: Path) -> None:
+    """End a row a kill -9 cut short (no final newline) so the resumed run's first row is a line of
+    its own, not glued to the broken one and lost with it (`read_metrics` skips the broken one)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+    except OSError:   # no file yet, or an empty one
+        return
+    if last != b"\n":
+        with open(path, "ab") as f:
+            f.write(b"\n")
+
+
 class MetricsWriter:
     """Appends scalars to `metrics.jsonl` and tensorboard. A no-op on ranks other than 0."""
 
@@ -70,6 +84,7 @@ class MetricsWriter:
                                      id=wandb_run_id(run_dir), resume="allow", config=config or {})
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            end_partial_line(self.path)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -97,7 +112,25 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] when there is none). A line that is not a json object (the
+    row a kill -9 or a full disk cut short, bytes that are not UTF-8) is skipped with a warning
+    naming the file and its line numbers, never a traceback that loses every other row."""
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows, bad = [], []
+    for n, line in enumerate(p.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:          # JSONDecodeError and UnicodeDecodeError
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(n)
+    if bad:
+        get_logger().warning("%s: skipped %d line(s) that are not json objects (line %s)", p, len(bad),
+                             ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,3 +187,24 @@ def test_metrics_go_to_wandb_when_asked_and_fail_clearly_without_it(tmp_path, mo
     assert calls[1:] == [("log", {"loss": 0.5}, 3), ("finish",)]
     assert read_metrics(tmp_path / "run1" / "metrics.jsonl")[0]["loss"] == 0.5
     assert MetricsWriter(tmp_path / "off", enabled=False, wandb_project="baton")._wandb is None  # rank != 0
+
+
+def test_a_metrics_row_cut_short_is_ended_on_resume_and_skipped_when_read(tmp_path, caplog):
+    """A kill -9 in the middle of a metrics.jsonl row: the resumed run's rows start on a line of their
+    own, and the readers (`baton report --loss-curve`, ...) skip the broken line with a warning
+    naming the file and line, keeping every other row."""
+    from baton.logs import MetricsWriter, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    MetricsWriter(tmp_path, tensorboard=False).log(3, loss=1.5)
+    (tmp_path / "other.jsonl").write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n')
+    logging.getLogger("baton").addHandler(caplog.handler)
+    try:
+        rows = read_metrics(path)
+        assert read_metrics(tmp_path / "other.jsonl") == [{"step": 1}]
+    finally:
+        logging.getLogger("baton").removeHandler(caplog.handler)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (3, 1.5)]
+    assert f"{path}: skipped 1 line(s) that are not json objects (line 2)" in caplog.text
+    assert "(line 2, 3)" in caplog.text
