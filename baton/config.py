@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -65,6 +66,8 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         ge, gt, le, lt = (f.metadata.get(k) for k in ("ge", "gt", "le", "lt"))
+        if any(b is not None for b in (ge, gt, le, lt)) and not math.isfinite(value):
+            raise BatonError(f"config key {key}={value} is out of range: it must be a finite number")
         bad = (ge is not None and not value >= ge) or (gt is not None and not value > gt) or \
               (le is not None and not value <= le) or (lt is not None and not value < lt)
         if bad:
@@ -130,6 +133,9 @@ def read_recipe(path: str | Path, what: str = "a YAML file, e.g. configs/demo_cl
             raise BatonError(f"{path}: `{BASE_KEY}:` loops back to a file already in the chain "
                              f"({' -> '.join(str(p) for p in [*chain, path.resolve()])})")
         node = read_yaml(path, f"the `{BASE_KEY}:` of {chain[-1]}" if chain else what)
+        if not OmegaConf.is_dict(node):
+            raise BatonError(f"{path}: a recipe is a YAML mapping of keys (run_dir: ..., data: {{...}}), "
+                             f"not a {'list' if OmegaConf.is_list(node) else type(node).__name__}")
         chain.append(path.resolve())
         nodes.insert(0, node)
         base = node.get(BASE_KEY) if OmegaConf.is_dict(node) else None
@@ -277,6 +283,25 @@ def check_unread_sections(schema: Any, node: Any, overrides: Sequence[str], sour
             raise explain_config_error(holder, e, source) from None
 
 
+def check_section_values(schema_node: DictConfig, node: Any, source: str, prefix: str = "") -> None:
+    """Every key of the recipe that is a section of the schema (a dataclass: data, train, glip.eval, ...)
+    holds a mapping: `glip: 5` is an error naming the key, not OmegaConf's "bad value for config key ''"."""
+    if not OmegaConf.is_dict(node):
+        return
+    for key in node.keys():
+        if not isinstance(key, str) or key not in schema_node:
+            continue
+        child = schema_node._get_node(key)
+        if not isinstance(child, DictConfig) or is_free_mapping(child):
+            continue
+        value = node._get_node(key)
+        if OmegaConf.is_dict(value):
+            check_section_values(child, value, source, f"{prefix}{key}.")
+        elif not (OmegaConf.is_missing(node, key) or value._is_none()):   # null: OmegaConf's own message names it
+            raise BatonError(f"{source}: {prefix}{key} is a section (keys {', '.join(sorted(child.keys()))}); "
+                             f"give it a mapping of its keys, not {value._value()!r}")
+
+
 def load_config(schema: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build a `schema` instance from defaults, an optional YAML file and `key=value` overrides."""
@@ -291,6 +316,7 @@ def load_config(schema: type[T], path: str | Path | None = None,
     _open_dict_sections(base)
     merged = base
     if file_cfg is not None:
+        check_section_values(base, file_cfg, str(path))
         upgrade_node(schema, file_cfg, str(path))
         try:
             merged = OmegaConf.merge(merged, file_cfg)
@@ -304,6 +330,10 @@ def load_config(schema: type[T], path: str | Path | None = None,
         try:
             parsed = OmegaConf.from_dotlist([item])
             section = OmegaConf.select(merged, key, default=None)
+            if isinstance(section, DictConfig) and not is_free_mapping(section) \
+                    and not OmegaConf.is_dict(OmegaConf.select(parsed, key)):
+                raise BatonError(f"override '{item}': {key} is a section (keys {', '.join(sorted(section.keys()))}); "
+                                 f"set one of its keys ({key}.KEY=VALUE) or {key}={{KEY: VALUE, ...}}")
             if isinstance(section, DictConfig) and OmegaConf.is_dict(OmegaConf.select(parsed, key)) \
                     and is_free_mapping(section):
                 OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=False)  # key={...}: replace

@@ -208,3 +208,22 @@ def test_a_metrics_row_cut_short_is_ended_on_resume_and_skipped_when_read(tmp_pa
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (3, 1.5)]
     assert f"{path}: skipped 1 line(s) that are not json objects (line 2)" in caplog.text
     assert "(line 2, 3)" in caplog.text
+
+
+def test_a_recipe_or_section_of_the_wrong_shape_and_a_non_finite_number_are_named(tmp_path):
+    """YAML that is a list, `data: 5` in a recipe or `data=5` on the command line, and `optim.lr=inf`:
+    each an error naming the file or override and the key, not a TypeError or "config key ''"."""
+    from pretrain.config import PretrainConfig
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(BatonError, match=r"list.yaml: a recipe is a YAML mapping of keys .* not a list"):
+        load_config(PretrainConfig, listed)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("method: glip\nglip:\n  eval: 3\n")
+    with pytest.raises(BatonError, match=r"scalar.yaml: glip.eval is a section \(keys batch_size, .*not 3"):
+        load_config(PretrainConfig, scalar)
+    with pytest.raises(BatonError, match=r"override 'data=5': data is a section \(keys batch_size,"):
+        load_config(PretrainConfig, None, ["data=5"])
+    with pytest.raises(BatonError, match=r"optim.lr=inf is out of range: it must be a finite number"):
+        load_config(PretrainConfig, None, ["optim.lr=inf"])
