@@ -38,11 +38,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def output_dir(path: str | os.PathLike, what: str) -> Path:
-    """The output directory `path`, created if missing, before any work is done for it; BatonError
-    naming `what` (the flag or key that set it) when it cannot be one (a file is there, a parent is
-    a file, no permission), instead of a traceback after the work."""
+def output_dir(path: str | os.PathLike, what: str, create: bool = True) -> Path:
+    """The output directory `path`, created if missing (`create=False`: only checked, so that a run
+    refused later leaves nothing behind), before any work is done for it; BatonError naming `what`
+    (the flag or key that set it) when it cannot be one (a file is there or above it, no
+    permission), instead of a traceback after the work."""
     path = Path(path)
+    if not create:
+        if path.exists() and not path.is_dir():
+            raise BatonError(f"{what} {path} exists and is not a directory; pass a directory")
+        above = path
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise BatonError(f"{what} {path}: cannot create the directory ({above} is not a directory); "
+                             f"pass another one")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise BatonError(f"{what} {path}: cannot create the directory (no permission in {above}); "
+                             f"pass another one")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

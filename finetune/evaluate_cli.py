@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     given = given_flags(argv, p)
-    output_dir(args.out, "--out")   # before any work: never a traceback after the embedding pass
+    output_dir(args.out, "--out", create=False)   # before any work: never a traceback after it
     step_dir = glip_checkpoint(args.model, grounding="--shards" in given)
     if step_dir is not None:
         return run_glip(args, given, step_dir)
