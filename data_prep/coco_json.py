@@ -1,4 +1,4 @@
-"""What the COCO-json grounding sources share (`mdetr`, `coco-detection`): reading the json, image
+"""What the COCO-json grounding sources share (`mdetr`, `coco-detection`; `odvg` its box, span and size checks): reading the json, image
 sizes, COCO boxes -> checked pixel boxes, and the plan item of one grounding sample.
 
 Why shared: MDETR's annotations (Flickr30k Entities, RefCOCO/+/g) and COCO's instances files are the
@@ -12,7 +12,8 @@ PNG/JPEG bytes unchanged and never resize, so the pixel boxes stay valid).
 
 Per-annotation skips, counted under their reason (they drop the region, not the sample):
 `missing_image_id` (no image has the annotation's `image_id`), `bad_annotation` (no usable
-`bbox`, not four finite numbers), `empty_box` (width or height <= 0), `box_outside_image` (more than
+`bbox`, not four finite numbers), `empty_box` (width or height <= 0; for the [x0, y0, x1, y1] boxes of
+the ODVG source, `checked_corners`: x1 <= x0 or y1 <= y0), `box_outside_image` (more than
 `BOX_TOLERANCE` pixels past an image border; a box within it is clipped to the image, as COCO's
 own rounding leaves some boxes a fraction of a pixel past the border).
 Per-image skips: `bad_image_entry` (no `file_name` / `id`), `missing_image` (no such file),
