@@ -1,5 +1,6 @@
-"""What the COCO-json grounding sources share (`mdetr`, `coco-detection`; `odvg` its box, span and size checks): reading the json, image
-sizes, COCO boxes -> checked pixel boxes, and the plan item of one grounding sample.
+"""What the COCO-json grounding sources share (`mdetr`, `coco-detection`): reading the json, image
+sizes, COCO boxes -> checked pixel boxes, and the plan item of one grounding sample (the `odvg`
+source uses the box, span and image-size checks too).
 
 Why shared: MDETR's annotations (Flickr30k Entities, RefCOCO/+/g) and COCO's instances files are the
 same container (`images`, `annotations` with `image_id` and `bbox` [x, y, w, h] in pixels); only how
