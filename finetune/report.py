@@ -41,7 +41,15 @@ def read_row(name: str, path: Path) -> dict:
     f = path / "metrics.json" if path.is_dir() or not path.suffix else path
     if not f.is_file():
         raise BatonError(f"--row {name}: no metrics at {f} (run `baton evaluate ... --out {path}` first)")
-    return {"name": name, "path": str(f), **json.loads(f.read_text())}
+    try:
+        metrics = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        metrics = e
+    if not isinstance(metrics, dict):
+        why = metrics if isinstance(metrics, Exception) else f"a {type(metrics).__name__}, not an object"
+        raise BatonError(f"--row {name}: {f} is not a metrics.json of `baton evaluate` ({why}); "
+                         f"re-run `baton evaluate ... --out {path}`")
+    return {"name": name, "path": str(f), **metrics}
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> str:

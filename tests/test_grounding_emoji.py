@@ -71,14 +71,22 @@ def test_held_out_scenes_show_only_held_out_classes_split_as_the_emoji_source(bu
     assert json.loads((tmp_path / "emoji" / "split.json").read_text()) == split
 
 
-def test_left_of_is_true_and_output_is_byte_identical(built, tmp_path):
+def test_left_and_right_of_are_true_the_order_is_not_the_layout_and_output_is_byte_identical(built, tmp_path):
+    named_left_to_right, several = 0, 0
     for s in read_split(built / "train"):
         rec = json.loads(s["json"])
         for a, b in zip(rec["regions"], rec["regions"][1:]):
             joint = rec["caption"][a["tokens_positive"][0][1]:b["tokens_positive"][0][0]]
-            assert joint in (" left of ", " and ", ", ")
+            assert joint in (" left of ", " right of ", " and ", ", ")
             if joint == " left of ":
                 assert a["bbox"][2] <= b["bbox"][0]
+            if joint == " right of ":
+                assert b["bbox"][2] <= a["bbox"][0]
+        if len(rec["regions"]) > 1:   # the caption's order does not give the boxes away
+            several += 1
+            centres = [r["bbox"][0] + r["bbox"][2] for r in rec["regions"]]
+            named_left_to_right += centres == sorted(centres)
+    assert 0 < named_left_to_right < several
     assert build(tmp_path / "again") == 0
     for part in ("train", "test"):
         for shard in sorted((built / part).glob("*.tar")):

@@ -133,3 +133,13 @@ def test_grounding_rows_get_their_own_table_and_ordering(tmp_path, capsys):
     (tmp_path / "neither" / "metrics.json").write_text(json.dumps({"loss": 1.0}))
     assert cli(["report", "--out", str(tmp_path / "r2.md"), "--row", f"x={tmp_path / 'neither'}"]) == 2
     assert "neither retrieval (recall@1) nor grounding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", '{"recall@1": 0.', "[1, 2]"])
+def test_a_broken_metrics_file_is_an_error_naming_it(tmp_path, capsys, text):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "metrics.json").write_text(text)
+    assert cli(["report", "--out", str(tmp_path / "r.md"), "--row", f"x={tmp_path / 'e'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--row x: {tmp_path / 'e' / 'metrics.json'} is not a metrics.json" in err and "re-run `baton evaluate" in err
+    assert not (tmp_path / "r.md").exists()

@@ -3,8 +3,8 @@
 Why: grounded pretraining (`method: glip`) needs images whose captions point at regions; no such
 data ships offline, so this composes it from the emoji designs the `emoji` source already uses.
 Each scene pastes 1-4 distinct emoji classes (each drawn by one randomly chosen design, at a
-random size, without overlapping) on a white canvas; the caption names them left to right
-("red apple left of cat face and rocket") and each region records its pixel box, its phrase (the
+random size, without overlapping) on a white canvas; the caption names them in a random order
+("rocket right of red apple and cat face"; "left of" / "right of" only where true) and each region records its pixel box, its phrase (the
 class name) and the character span of that phrase in the caption.
 
 The sample format is the grounding record every grounding source writes (mmdet's ODVG grounding
@@ -45,8 +45,8 @@ from data_prep.writer import STATS, Sample, print_summary, read_stats
 
 NAME = "grounding-emoji"
 HELP = "synthetic grounding scenes: 1-4 emoji on a canvas, captions naming them, boxes and spans"
-FORMAT = "baton-grounding-emoji/1"  # bump when the output changes for the same arguments
-CONNECTORS = (" left of ", " and ", ", ")   # joints between the names, named left to right
+FORMAT = "baton-grounding-emoji/2"  # bump when the output changes for the same arguments
+CONNECTORS = (" left of ", " and ", ", ")   # joints between the names (and " right of ", where true)
 MAX_OBJECTS = 4
 PLACEMENT_TRIES = 50
 
@@ -96,11 +96,15 @@ def compose_scene(classes: list[EmojiClass], glyphs: dict[str, dict[str, Image.I
                 break
     if not placed:
         return None
-    placed.sort(key=lambda bc: (bc[0][0] + bc[0][2], bc[0][1]))  # named left to right (box centres)
+    # Named in a random order: in a caption that always named them left to right, the phrase's place
+    # in the caption would say which box it is, and grounding would be learned without a single name.
+    rng.shuffle(placed)
     caption, regions = "", []
     for i, (box, cls) in enumerate(placed):
-        if i:  # "left of" only where it is true (boxes apart in x); the last joint is never ", "
-            choices = CONNECTORS if placed[i - 1][0][2] <= box[0] else CONNECTORS[1:]
+        if i:  # "left of" / "right of" only where true (boxes apart in x); the last joint is never ", "
+            prev = placed[i - 1][0]
+            where = " left of " if prev[2] <= box[0] else " right of " if box[2] <= prev[0] else None
+            choices = ((where,) if where else ()) + CONNECTORS[1:]
             caption += rng.choice(choices if i < len(placed) - 1 else choices[:-1])
         start = len(caption)
         caption += cls.name
