@@ -78,8 +78,6 @@ class GlipMethod(PretrainMethod):
                           start_weights=not self.from_checkpoint)
         if self.glip.init_from and not self.from_checkpoint:
             init_from_handoff(model, self.glip)
-        if self.glip.lock_text:
-            model.lock_text()
         return model
 
     def sample_map(self, model) -> GroundingSample:

@@ -145,13 +145,11 @@ class GlipModel(nn.Module):
         self.centerness_pred = nn.Conv2d(cfg.dim, 1, 3, padding=1)
         nn.init.zeros_(self.token_bias.weight)
         nn.init.zeros_(self.token_bias.bias)
-
-    def lock_text(self) -> None:
-        """glip.lock_text: the text encoder's weights are frozen and it stays in eval mode."""
-        self.text.requires_grad_(False)
-        self.text.eval()
+        if cfg.lock_text:   # frozen; starting weights loaded later (init_from, a checkpoint) still fill it
+            self.text.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "GlipModel":
+        """glip.lock_text: the text encoder stays in eval mode (no dropout) whatever the model's mode."""
         super().train(mode)
         if self.cfg.lock_text:
             self.text.eval()
