@@ -71,6 +71,27 @@ def find_open_clip_checkpoint(directory: str | Path) -> Optional[str]:
     return _find_checkpoint_in_dir(Path(directory))
 
 
+def hf_text_encoder_pooled(text: Any, tokens: Any) -> Any:
+    """The pooled (pre-projection) features of open_clip's `HFTextEncoder` for a batch of token ids,
+    computed as its `forward` computes them, with padding cut off the right.
+
+    Why: a wholly locked Hugging Face tower's pooled output depends only on the caption, so
+    pretrain/clip/locked_text.py caches it per caption and trains only the projection on top.
+    open_clip has no public "pooled features" call. Private: the encoder's attributes
+    `transformer`, `pooler` and `config.pad_token_id`, and the `pooler(output, mask)` signature
+    (open_clip/hf_model.py). When it breaks (the test in tests/test_compat.py): follow
+    `HFTextEncoder.forward` in the installed open_clip, or set `clip.lock_text_cache=0` (the tower is
+    then run every step; same features, slower).
+    """
+    mask = (tokens != text.config.pad_token_id).long()
+    # Trailing padding is masked out of attention and pooling, so it is cut before the transformer
+    # runs: captions are short next to the context length, and the cost falls with it.
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):  # right-padded rows only (BERT's tokenizers)
+        width = max(int(mask.sum(1).max()), 1)
+        tokens, mask = tokens[:, :width], mask[:, :width]
+    return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+
 # --- DeepSpeed -----------------------------------------------------------------------------------
 
 def disable_deepspeed_op(name: str) -> None:

