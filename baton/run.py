@@ -46,6 +46,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 log = logging.getLogger("baton")
 
 
+def use_threads(threads: int | None) -> None:
+    """`train.threads`: torch's intra-op threads in this process (None keeps torch's default, one per
+    core). Several small runs side by side on a small CPU (the demo's finetunings two at a time on 2
+    cores) go faster at 1 each than one after the other at 2, whose small ops barely use the second."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16 for `train.precision` on `device`. auto: bf16 on a CUDA GPU that has it,
     else fp32 (on a CPU, bf16 pays only where it has bf16 matrix units, e.g. AMX: name it there)."""

@@ -97,6 +97,9 @@ class TrainConfig:
     keep_last: int = bounded(2, ge=0)              # checkpoints kept (0 keeps all)
     log_every: int = bounded(10, ge=1)
     device: str = "auto"            # auto | cpu | cuda
+    # torch intra-op threads (None: torch's default, one per core), as in pretraining: 1 when runs
+    # share a small CPU (make demo runs its finetunings two at a time on 2 cores with 1 each)
+    threads: Optional[int] = bounded(None, ge=1)
     # auto | fp32 | bf16 | fp16: the forward's autocast, as in pretraining (auto: bf16 on a CUDA GPU
     # that has it, else fp32; bf16 on a CPU pays where it has bf16 matrix units, e.g. AMX); the
     # loss, parameters, gradients and optimiser state stay fp32; fp16 (CUDA) scales the loss

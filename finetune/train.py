@@ -32,7 +32,7 @@ from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
 from baton.registry import unknown_name
 from baton.run import (CheckpointCadence, RunLifecycle, autocast_context, choose_device, fused_adam_kwargs,
-                       optimizer_step, resolve_precision, to_channels_last)
+                       optimizer_step, resolve_precision, to_channels_last, use_threads)
 from baton.schedule import lr_factor
 from finetune.config import FinetuneConfig
 from finetune.datasets import load_dataset, load_image
@@ -137,6 +137,7 @@ def run(cfg: FinetuneConfig) -> dict:
     ckpt_root, resume = run.ckpt_root, run.resume_from
     log = setup_logging(run_dir)
     run.record_config(cfg)
+    use_threads(cfg.train.threads)
     run.seed()
     device = choose_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)

@@ -35,7 +35,7 @@ from baton.nonfinite import NonFiniteSteps, nonfinite_ranks
 from baton.nonfinite import describe as describe_nonfinite
 from baton.preemption import EXIT_STOPPED
 from baton.progress import logs_above_bar, progress_bar
-from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state, to_channels_last
+from baton.run import CheckpointCadence, RunLifecycle, rng_state, set_rng_state, to_channels_last, use_threads
 from baton.schedule import lr_factor
 from pretrain.config import PretrainConfig
 from pretrain.data import TrainLoader, resolve_sources, run_steps_per_epoch
@@ -107,8 +107,7 @@ def train(cfg: PretrainConfig, on_batch: Optional[Callable[[int, list], None]] =
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg.train.threads)
     run.seed()
     method = method_cls(cfg, info)
     method.epoch_steps = epoch_steps  # the one count the schedule and the method's epochs follow

@@ -70,10 +70,13 @@ def test_finetune_loss_falls_and_evaluates(setup, monkeypatch):
             logged.append(("finish",))
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: logged.append(kw) or FakeRun()))
+    threads = []   # train.threads reaches torch (recorded, not set: the rest of the suite keeps its threads)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     root, handoff = setup
     cfg = load_config(FinetuneConfig, None, overrides(root, handoff, "run", "train.epochs=3",
-                                                      "train.wandb_project=baton-test"))
+                                                      "train.wandb_project=baton-test", "train.threads=1"))
     summary = run(cfg)
+    assert threads == [1]
     inits = [e for e in logged if isinstance(e, dict)]
     assert [i["project"] for i in inits] == ["baton-test"] * 2 and inits[0]["id"] == inits[1]["id"] == wandb_run_id(root / "run")
     rows = [e for e in logged if isinstance(e, tuple) and len(e) == 2]
