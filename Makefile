@@ -33,7 +33,8 @@ export OMP_NUM_THREADS ?= 2
 # `make demo` (and demo-lg) runs its independent steps DEMO_JOBS at a time (make -j): on 2 cores two
 # finetunings side by side with one torch thread each (FINETUNE_THREADS) take 0.7x the time of one
 # after the other with two, whose small ops barely use the second core (BENCHMARKS.md, "make demo in
-# 15 minutes"). Each run is seeded and single-threaded either way, so the figures do not depend on it.
+# 15 minutes"). Runs are seeded either way; the thread count changes the order of floating-point sums,
+# so DEMO_JOBS=1 (two threads a finetuning) moves a figure within the seed-to-seed spread.
 DEMO_JOBS ?= 2
 FINETUNE_THREADS ?= $(if $(filter 1,$(DEMO_JOBS)),$(OMP_NUM_THREADS),1)
 FTARGS := $(RUNARGS) train.threads=$(FINETUNE_THREADS)
@@ -258,8 +259,8 @@ demo: setup
 
 # `make demo-lg`: language guidance on the demo's CLIP backbone, SoftTriple + ELG and + PLG beside
 # SoftTriple alone (the same recipe and steps) -> $(DEMO)/lg/report.md. Outside `make demo` (its
-# 15-minute budget: two more finetunings); on the emoji it gains about a point or nothing
-# (BENCHMARKS.md, "Language guidance").
+# 15-minute budget: two more finetunings); on the emoji ELG and PLG gain 1-2 points of Recall@1 on
+# every seed (BENCHMARKS.md, "make demo in 15 minutes").
 $(DEMO)/lg/report.md: $(DEMO)/eval_finetuned/metrics.json $(DEMO)/eval_elg/metrics.json $(DEMO)/eval_plg/metrics.json
 	$(BIN)/baton report --out $@ --title "baton demo, language guidance: retrieval on held-out classes" \
 	  --row "CLIP pretrained + SoftTriple=$(DEMO)/eval_finetuned" \

@@ -253,11 +253,13 @@ def test_baton_shards_killed_at_random_points_gives_the_same_shards(tmp_path):
     root = tmp_path / "tree"
     for c in range(3):
         (root / f"c{c}").mkdir(parents=True)
-        for i in range(40):
+        for i in range(60):
             Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i:02d}.png")
-    chunks = 60                                  # 120 images, 2 a shard (a kill lets at most
-                                                 # the ~5 chunks already sent to workers finish)
-    base = ["shards", "folder", str(root), "--shard-size", "2", "--max-side", "48"]
+    # 180 images, 1 a shard: a kill lets the chunks already sent to workers finish, and on a fast
+    # machine ~20 more are recorded while this test polls, so three kills of at most 7 chunks more
+    # each leave work for the last run only if there are well over 3 x 27 chunks (60 were too few)
+    chunks = 180
+    base = ["shards", "folder", str(root), "--shard-size", "1", "--max-side", "48"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     run_to_end([*base, "--out", str(ref)])
     done = [_kill_shards_after([*base, "--out", str(killed), "--workers", "2"], killed, more)
