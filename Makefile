@@ -97,26 +97,25 @@ $(DEMO)/eval_pretrained/metrics.json: $(DEMO)/pretrain/export/backbone.json
 # Finetunings of the same length from the same backbone, each evaluated on the held-out classes:
 # SoftTriple alone (make demo), + expert language guidance (ELG: the classes' own names) and +
 # pseudo-label guidance (PLG: baton's CLIP zero-shot over ImageNet names) (make demo-lg).
-$(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
-	@echo "finetuning $(DEMO)/finetune (its log as it goes: $(DEMO)/finetune/log.txt)"
-	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest $(FTARGS) \
-	  run_dir=$(DEMO)/finetune backbone=$(DEMO)/pretrain/export
+# $(call demo_finetune,CONFIG,RUN_DIR,BACKBONE): one of the demo's finetunings (-Oline holds a
+# command's output until it ends, so the first line says where its log grows meanwhile).
+define demo_finetune
+	@echo "finetuning $(2) (its log as it goes: $(2)/log.txt)"
+	$(BIN)/baton finetune $(1) resume=latest $(FTARGS) run_dir=$(2) backbone=$(3)
 	touch $@
+endef
+
+$(DEMO)/finetune/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
+	$(call demo_finetune,configs/demo_softtriple.yaml,$(DEMO)/finetune,$(DEMO)/pretrain/export)
 
 $(DEMO)/finetune_%/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple_%.yaml configs/demo_softtriple.yaml
-	@echo "finetuning $(DEMO)/finetune_$* (its log as it goes: $(DEMO)/finetune_$*/log.txt)"
-	$(BIN)/baton finetune configs/demo_softtriple_$*.yaml resume=latest $(FTARGS) \
-	  run_dir=$(DEMO)/finetune_$* backbone=$(DEMO)/pretrain/export
-	touch $@
+	$(call demo_finetune,configs/demo_softtriple_$*.yaml,$(DEMO)/finetune_$*,$(DEMO)/pretrain/export)
 
 .PRECIOUS: $(DEMO)/finetune_%/model/.done
 
 # The honest comparison: the same recipe and steps from a random init of the same architecture.
 $(DEMO)/finetune_scratch/model/.done: $(DEMO)/pretrain/export/backbone.json configs/demo_softtriple.yaml
-	@echo "finetuning $(DEMO)/finetune_scratch (its log as it goes: $(DEMO)/finetune_scratch/log.txt)"
-	$(BIN)/baton finetune configs/demo_softtriple.yaml resume=latest $(FTARGS) \
-	  run_dir=$(DEMO)/finetune_scratch backbone=random:$(DEMO)/pretrain/export
-	touch $@
+	$(call demo_finetune,configs/demo_softtriple.yaml,$(DEMO)/finetune_scratch,random:$(DEMO)/pretrain/export)
 
 $(DEMO)/eval_finetuned/metrics.json: $(DEMO)/finetune/model/.done
 	$(BIN)/baton evaluate $(DEMO)/finetune --data-source shards --data-root $(DATA) --out $(DEMO)/eval_finetuned

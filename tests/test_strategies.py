@@ -114,6 +114,14 @@ def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), k
 
 
+def assert_zero2_files(run: Path) -> None:
+    """The run's latest checkpoint holds DeepSpeed's own files: the model once, an optimiser shard per rank."""
+    step_dir = Path(load_checkpoint(run)[1]["path"])
+    assert sorted(p.name for p in (step_dir / "deepspeed").iterdir()) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
 def losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
@@ -199,10 +207,7 @@ def test_deepspeed(deepspeed_launch):
     full, cut = deepspeed_launch / "ds2" / "full", deepspeed_launch / "ds2" / "cut"
     assert_same(final_state(full), final_state(cut))   # ZeRO-2 resume is exact
     assert_learns(full)
-    step_dir = Path(load_checkpoint(full)[1]["path"])
-    assert sorted(p.name for p in (step_dir / "deepspeed").iterdir()) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert_zero2_files(full)
     sums = [json.loads((deepspeed_launch / f"sync{r}.json").read_text())["ds2"] for r in (0, 1)]
     assert len(sums[0]) == STEPS and sums[0] == sums[1]
     # ZeRO-3 with bf16 compute: runs, learns a little, exports through zero_to_fp32
@@ -221,10 +226,7 @@ def test_glip_on_two_ranks_deepspeed_follows_ddp_and_resumes_exactly(deepspeed_l
     ddp, full, cut = (losses(root / r) for r in ("ddp", "full", "cut"))
     assert len(full) == len(ddp) == GLIP_STEPS and full == pytest.approx(ddp, rel=1e-3)
     assert cut == full and sum(full[-2:]) < sum(full[:2])
-    step_dir = Path(load_checkpoint(root / "cut")[1]["path"])
-    assert sorted(p.name for p in (step_dir / "deepspeed").iterdir()) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert_zero2_files(root / "cut")
     a, b = final_state(root / "full", GLIP_STEPS), final_state(root / "cut", GLIP_STEPS)
     assert a["bias0"].shape == () and set(a) == set(final_state(root / "ddp", GLIP_STEPS))
     assert_same(a, b)
