@@ -272,15 +272,28 @@ def check_unread_sections(schema: Any, node: Any, overrides: Sequence[str], sour
     for old, section in getattr(schema, "UNREAD_SECTIONS", {}).items():
         nodes = [OmegaConf.create({old: node[old]})] if OmegaConf.is_dict(node) and old in node else []
         nodes += [OmegaConf.from_dotlist([item]) for item in overrides if item.startswith(old + ".")]
-        if not nodes:
-            continue
-        holder = dataclasses.make_dataclass("UnreadSection", [(old, section, dataclasses.field(default_factory=section))])
-        base = OmegaConf.structured(holder)
-        OmegaConf.set_struct(base, True)
-        try:
-            check_ranges(OmegaConf.to_object(OmegaConf.merge(base, *nodes)))
-        except OmegaConfBaseException as e:
-            raise explain_config_error(holder, e, source) from None
+        if nodes:
+            load_section(section, old, nodes, source)
+
+
+def load_section(section: type[T], key: str, nodes: Sequence[Any], source: str) -> T:
+    """The dataclass `section` filled from config nodes that hold it at the dotted `key` (merged in
+    order) and checked as `load_config` checks a schema (unknown keys, types, ranges), each error
+    naming the whole key (`loss.kwargs.la`): for a section the schema does not type itself (an
+    old-layout section; a choice's arguments in an open mapping, `loss.kwargs` of baton's losses)."""
+    holder: Any = section
+    for part in reversed(key.split(".")):
+        holder = dataclasses.make_dataclass("Section", [(part, holder, dataclasses.field(default_factory=holder))])
+    base = OmegaConf.structured(holder)
+    OmegaConf.set_struct(base, True)
+    try:
+        filled = OmegaConf.to_object(OmegaConf.merge(base, *nodes))
+    except OmegaConfBaseException as e:
+        raise explain_config_error(holder, e, source) from None
+    check_ranges(filled)
+    for part in key.split("."):
+        filled = getattr(filled, part)
+    return filled
 
 
 def check_section_values(schema_node: DictConfig, node: Any, source: str, prefix: str = "") -> None:

@@ -44,7 +44,8 @@ class LossConfig:
     # names multisimilarity, triplet, margin also resolve)
     name: str = "softtriple"
     # the loss's constructor arguments, e.g. loss.kwargs.beta=40; unset ones keep the class's
-    # defaults (softtriple: centers_per_class 10, la 20, gamma 0.1, tau 0.2, margin 0.01);
+    # defaults. softtriple: the fields of its SoftTripleConfig (centers_per_class 10, la 20, gamma
+    # 0.1, tau 0.2, margin 0.01), every one recorded in the run's config.yaml;
     # num_classes / embedding_size come from the data and the model
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -154,5 +155,5 @@ class FinetuneConfig:
         is loaded, before any data is read); their names are recorded as the classes they resolve to."""
         from finetune.losses import check_loss_and_miner
 
-        self.loss.name, self.miner.name = check_loss_and_miner(self.loss.name, self.loss.kwargs,
-                                                               self.miner.name, self.miner.kwargs)
+        self.loss.name, self.loss.kwargs, self.miner.name = check_loss_and_miner(
+            self.loss.name, self.loss.kwargs, self.miner.name, self.miner.kwargs)

@@ -78,7 +78,8 @@ def test_a_wrong_kwarg_is_refused_naming_it_and_the_accepted_ones(overrides, nam
     with pytest.raises(BatonError) as err:
         load_config(FinetuneConfig, None, overrides)
     msg = str(err.value)
-    assert named in msg and "takes:" in msg
+    # pml's classes list their constructor's arguments; baton's losses their config dataclass's fields
+    assert named in msg and ("takes:" in msg or "Valid keys here: centers_per_class, gamma, la, margin, tau" in msg)
     if "bta" in named:
         assert "did you mean 'beta'" in msg and "alpha, base, beta" in msg
 
@@ -90,8 +91,10 @@ def test_bad_values_and_names_are_refused_when_the_config_is_loaded():
         load_config(FinetuneConfig, None, ["loss.name=MultiSimilarity"])
     with pytest.raises(BatonError, match="needs loss.kwargs.margin, loss.kwargs.Tn"):
         load_config(FinetuneConfig, None, ["loss.name=RankedListLoss"])
-    with pytest.raises(BatonError, match="gamma must be > 0"):
+    with pytest.raises(BatonError, match="loss.kwargs.gamma=0.0 is out of range: it must be > 0"):
         load_config(FinetuneConfig, None, ["loss.kwargs.gamma=0"])
+    with pytest.raises(BatonError, match="loss.name=softtriple: bad value for config key 'loss.kwargs.la'"):
+        load_config(FinetuneConfig, None, ["loss.kwargs.la=wide"])
     with pytest.raises(BatonError, match="miner.name does not apply to loss.name=softtriple"):
         load_config(FinetuneConfig, None, ["miner.name=BatchHardMiner"])
     with pytest.raises(BatonError, match="miner.kwargs .* without miner.name"):
@@ -157,3 +160,29 @@ def test_a_dict_override_replaces_the_arguments_a_recipe_set():
     assert cfg.loss.kwargs == {"beta": 40} and loss.beta == 40
     with pytest.raises(BatonError, match="loss.kwargs.centers_per_class: MultiSimilarityLoss has no argument"):
         load_config(FinetuneConfig, CONFIGS / "demo_softtriple.yaml", ["loss.name=MultiSimilarityLoss"])
+
+
+def test_baton_losses_own_a_config_dataclass_that_is_their_constructor_and_is_recorded():
+    """Each of baton's losses registers the dataclass of its `loss.kwargs`: its fields are the
+    constructor's keywords with the same defaults, and a run's config.yaml records every one of them
+    (a default the recipe left unset included), so the run directory says what the loss trained with."""
+    import dataclasses
+    import inspect
+
+    from finetune.losses.registry import BATON_LOSSES, loss_class
+    from baton.registry import resolve
+
+    for name in BATON_LOSSES:
+        section = resolve(BATON_LOSSES[name].config)
+        params = {p.name: p.default for p in list(inspect.signature(loss_class(name)).parameters.values())[2:]}
+        assert {f.name: f.default for f in dataclasses.fields(section)} == params, name
+    torch.manual_seed(0)
+    cfg, loss = built(["loss.kwargs.la=15"])
+    assert cfg.loss.kwargs == {"centers_per_class": 10, "la": 15.0, "gamma": 0.1, "tau": 0.2, "margin": 0.01}
+    assert (loss.K, loss.la, loss.tau) == (10, 15.0, 0.2)
+    assert "  kwargs:\n    centers_per_class: 10\n    la: 15.0\n    gamma: 0.1\n    tau: 0.2\n" in to_yaml(cfg)
+    x, y = batch()
+    torch.manual_seed(0)
+    want = SoftTriple(6, 16, la=15.0)
+    assert torch.equal(loss.centers, want.centers) and torch.equal(loss(x, y), want(x, y))
+    assert cfg.loss == load_config(FinetuneConfig, None, ["loss.kwargs.la=15.0"]).loss

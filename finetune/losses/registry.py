@@ -3,7 +3,9 @@
 
 A loss is baton's `softtriple` (finetune/losses/softtriple.py: SoftTriple with the centre
 regulariser `tau` that pml's SoftTripleLoss lacks) or any pytorch-metric-learning loss class
-(`MultiSimilarityLoss`, `ProxyAnchorLoss`, ...); a miner is any pml miner class. The short names of
+(`MultiSimilarityLoss`, `ProxyAnchorLoss`, ...); a miner is any pml miner class. Each of baton's
+losses owns the dataclass of its `loss.kwargs`, registered with it in `BATON_LOSSES` (a new one is
+its file plus one line there); a pml class's constructor is its own schema. The short names of
 the first releases (`multisimilarity`, `triplet`, `margin`; miners `multisimilarity`, `triplet`,
 `distance`, `batchhard`) still resolve, to the classes they always meant.
 
@@ -17,17 +19,33 @@ from the training data and the model, never from the config.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
+from baton.config import load_section
 from baton.errors import BatonError
-from baton.registry import Registry, unknown_name
+from baton.registry import Registry, resolve, unknown_name
 
-# baton's own losses (the pml ones are found in the installed pml, by class name)
-BATON_LOSSES = Registry("loss.name", {"softtriple": "finetune.losses.softtriple:SoftTriple"})
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One of baton's own losses: the class, and the dataclass of its `loss.kwargs`."""
+    loss: str     # "module:Class" of the nn.Module, built as Class(num_classes, embedding_dim, **kwargs)
+    config: str   # "module:Class" of its arguments' dataclass (the fields are the constructor's keywords)
+
+
+# baton's own losses, each with its config (the pml ones are found in the installed pml, by class
+# name, and their constructors' signatures are their schema)
+BATON_LOSSES = Registry("loss.name", {
+    "softtriple": LossSpec("finetune.losses.softtriple:SoftTriple", "finetune.losses.softtriple:SoftTripleConfig"),
+})
 LOSS_ALIASES = {"multisimilarity": "MultiSimilarityLoss", "triplet": "TripletMarginLoss", "margin": "MarginLoss"}
 MINER_ALIASES = {"multisimilarity": "MultiSimilarityMiner", "triplet": "TripletMarginMiner",
                  "distance": "DistanceWeightedMiner", "batchhard": "BatchHardMiner"}
@@ -64,12 +82,23 @@ def _unknown(kind: str, name: str, known: list[str], aliases: dict[str, str]) ->
 def loss_class(name: str) -> type:
     """The class `loss.name` names: baton's own, an alias, or a pml loss class."""
     if name in BATON_LOSSES:
-        return BATON_LOSSES[name]
+        return resolve(BATON_LOSSES[name].loss)
     found = pml_losses()
     cls = found.get(LOSS_ALIASES.get(name, name))
     if cls is None:
         raise _unknown("loss", name, [*BATON_LOSSES, *sorted(found)], LOSS_ALIASES)
     return cls
+
+
+def loss_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`loss.kwargs` as the run records them: for one of baton's losses, its config dataclass filled
+    from them (every argument, the defaults included; an unknown key, a wrong type or a value out
+    of range refused, naming `loss.kwargs.KEY`); for a pml loss, as given (checked in `check_args`)."""
+    if name not in BATON_LOSSES:
+        return dict(kwargs)
+    section = resolve(BATON_LOSSES[name].config)
+    node = OmegaConf.create({"loss": {"kwargs": dict(kwargs)}})
+    return dataclasses.asdict(load_section(section, "loss.kwargs", [node], f"loss.name={name}"))
 
 
 def miner_class(name: str) -> type:
@@ -172,26 +201,30 @@ def _build(cls: type, kwargs: dict[str, Any], key: str, sizes: dict[str, int]) -
                          f"refused: {e}") from None
 
 
-def check_loss_and_miner(loss_name: str, loss_kwargs: dict, miner_name: str, miner_kwargs: dict) -> tuple[str, str]:
+def check_loss_and_miner(loss_name: str, kwargs: dict, miner_name: str,
+                         miner_kwargs: dict) -> tuple[str, dict[str, Any], str]:
     """What `build_loss` would refuse, found when the config is loaded (by building both with
-    stand-in sizes, under a forked RNG); returns the class names (an alias resolved) of the loss
-    and the miner ("" for none)."""
+    stand-in sizes, under a forked RNG); returns the loss's name (a pml alias resolved to its
+    class name), its kwargs as the run records them (`loss_kwargs`) and the miner's class name
+    ("" for none)."""
     import torch
 
     cls = loss_class(loss_name)
+    kwargs = loss_kwargs(loss_name, kwargs)
     with torch.random.fork_rng(devices=[]):
-        _build(cls, dict(loss_kwargs), "loss.kwargs", {"num_classes": 2, "embedding_dim": 2})
+        _build(cls, dict(kwargs), "loss.kwargs", {"num_classes": 2, "embedding_dim": 2})
+    name = loss_name if loss_name in BATON_LOSSES else cls.__name__
     if not miner_name:
         if miner_kwargs:
             raise BatonError(f"miner.kwargs ({', '.join(miner_kwargs)}) set without miner.name; they would "
                              f"reach no miner")
-        return (loss_name if loss_name in BATON_LOSSES else cls.__name__), ""
+        return name, kwargs, ""
     if loss_name in BATON_LOSSES:
         raise BatonError(f"miner.name does not apply to loss.name={loss_name} (it sees every class's "
                          f"centres, no mined pairs); set miner.name ''")
     mcls = miner_class(miner_name)
     _build(mcls, dict(miner_kwargs), "miner.kwargs", {})
-    return cls.__name__, mcls.__name__
+    return name, kwargs, mcls.__name__
 
 
 class MinedLoss(nn.Module):
@@ -209,8 +242,8 @@ def build_loss(name: str, num_classes: int, embedding_dim: int, kwargs: dict[str
                miner: str = "", miner_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The loss `name` built with `kwargs` (+ the sizes it takes), wrapped with the miner if any;
     called as `loss(embeddings, labels)`."""
-    kwargs, miner_kwargs = dict(kwargs or {}), dict(miner_kwargs or {})
-    check_loss_and_miner(name, kwargs, miner, miner_kwargs)
+    _, kwargs, _ = check_loss_and_miner(name, dict(kwargs or {}), miner, dict(miner_kwargs or {}))
+    miner_kwargs = dict(miner_kwargs or {})
     sizes = {"num_classes": num_classes, "embedding_dim": embedding_dim}
     loss = _build(loss_class(name), kwargs, "loss.kwargs", sizes)
     if not miner:

@@ -11,10 +11,27 @@ Layout: `centers` is (embedding_dim, num_classes * K); column `c*K + k` is centr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from baton.config import bounded
+
+
+@dataclass
+class SoftTripleConfig:
+    """`loss.kwargs` of `loss.name: softtriple` (registered with the loss in
+    finetune/losses/registry.py): the recipe's keys are checked against these fields (name, type,
+    range) when the config is loaded, and the run's config.yaml records every one of them, the
+    defaults included, so what the loss trained with is in the run directory. The defaults are the
+    paper's CUB/CARS settings (the authors' code: K 10, lambda 20, 1/gamma 10, tau 0.2, delta 0.01)."""
+    centers_per_class: int = bounded(10, ge=1)   # K centres per class
+    la: float = bounded(20.0, gt=0)              # lambda, the scale of the similarities in the cross-entropy
+    gamma: float = bounded(0.1, gt=0)            # temperature of the softmax over a class's centres
+    tau: float = bounded(0.2, ge=0)              # weight of the centre regulariser (0: off, as pml's SoftTripleLoss)
+    margin: float = 0.01                         # delta, subtracted from the true class's similarity
 
 
 class SoftTriple(nn.Module):
@@ -30,8 +47,10 @@ class SoftTriple(nn.Module):
         margin: delta, subtracted from the similarity of the true class.
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10,
-                 la: float = 20.0, gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01):
+    def __init__(self, num_classes: int, embedding_dim: int,
+                 centers_per_class: int = SoftTripleConfig.centers_per_class, la: float = SoftTripleConfig.la,
+                 gamma: float = SoftTripleConfig.gamma, tau: float = SoftTripleConfig.tau,
+                 margin: float = SoftTripleConfig.margin):
         super().__init__()
         if num_classes < 1 or embedding_dim < 1 or centers_per_class < 1:
             raise ValueError("num_classes, embedding_dim and centers_per_class must be positive")
