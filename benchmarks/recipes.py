@@ -18,8 +18,9 @@ Recipes (overrides of configs/demo_softtriple.yaml):
     frozen_bn  BatchNorm statistics frozen at the backbone's (the published DML recipes' switch)
     centres10  10 centres a class (the SoftTriple paper's K) instead of 4
     epochs36   36 epochs instead of 30 (1.2x the time)
-    batch64    batches of 64 classes instead of 32 (half the updates, 30 epochs): the recipe before
-               2026-12-03
+    batch64    batches of 64 classes instead of 16 (a quarter of the updates, 30 epochs): the recipe
+               before 2026-12-03
+    batch32    batches of 32 classes instead of 16 (half the updates): the recipe before 2026-12-05
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ RECIPES = {
     "centres10": ["loss.kwargs.centers_per_class=10"],
     "epochs36": ["train.epochs=36"],
     "batch64": ["data.batch_size=64", "train.epochs=30"],
+    "batch32": ["data.batch_size=32"],
 }
 
 
