@@ -258,8 +258,8 @@ demo: setup
 
 # `make demo-lg`: language guidance on the demo's CLIP backbone, SoftTriple + ELG and + PLG beside
 # SoftTriple alone (the same recipe and steps) -> $(DEMO)/lg/report.md. Outside `make demo` (its
-# 15-minute budget: two more finetunings); on the emoji ELG and PLG gain 1-2 points of Recall@1 on
-# every seed (BENCHMARKS.md, "make demo in 15 minutes").
+# 15-minute budget: two more finetunings); on the emoji ELG and PLG gain 2-3.6 points of Recall@1 on
+# every seed (BENCHMARKS.md, "Batch 16").
 $(DEMO)/lg/report.md: $(DEMO)/eval_finetuned/metrics.json $(DEMO)/eval_elg/metrics.json $(DEMO)/eval_plg/metrics.json
 	$(BIN)/baton report --out $@ --title "baton demo, language guidance: retrieval on held-out classes" \
 	  --row "CLIP pretrained + SoftTriple=$(DEMO)/eval_finetuned" \
