@@ -379,31 +379,3 @@ def from_yaml(schema: type[T], text: str) -> T:
     upgrade_node(schema, node, "saved config", warn=False)
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-
-# Keys whose change between an interrupted run and its resumption does not alter the trajectory.
-RESUME_NEUTRAL_KEYS = ("resume", "train.stop_after_steps", "train.log_every", "train.checkpoint_every",
-                       "train.keep_last", "train.tensorboard", "train.eval_at_end")
-
-
-def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTRAL_KEYS) -> list[str]:
-    """The keys (dotted, with 'old -> new') on which `cfg` differs from a run's saved config.yaml.
-
-    Used when a run is resumed: continuing with another learning rate or length is allowed (users
-    extend runs) but must not go unnoticed, since the result then differs from any single run.
-    """
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            out: dict[str, Any] = {}
-            for k, v in node.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: node}
-
-    saved = OmegaConf.create(old_yaml)
-    upgrade_node(type(cfg), saved, "saved config", warn=False)
-    old = flat(OmegaConf.to_container(saved))
-    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
-    # Keys the saved config lacks are schema additions since that run, not the user's changes.
-    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
-            if k not in ignore and old[k] != new.get(k)]

@@ -20,6 +20,23 @@ def get_logger(name: str = "baton") -> logging.Logger:
     return logging.getLogger(name)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment, not the one there when the handler was made: a
+    process that runs several stages (tests, notebooks, a caller that redirects stderr between
+    them) would otherwise log a config warning of the next stage to a stream closed since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.Logger:
     root = logging.getLogger("baton")
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -27,7 +44,7 @@ def setup_logging(run_dir: str | Path | None = None, rank: int = 0) -> logging.L
         handler.close()
     root.handlers.clear()
     root.propagate = False
-    h = logging.StreamHandler(sys.stderr)
+    h = _CurrentStderrHandler()
     h.setFormatter(logging.Formatter(_FMT, "%H:%M:%S"))
     root.addHandler(h)
     if run_dir is not None and rank == 0:

@@ -29,13 +29,15 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from baton.checkpoint import latest_checkpoint, refuse_used_run_dir
-from baton.config import config_changes, to_yaml
+from baton.config import to_yaml
+from baton.config_upgrade import upgrade_node
 from baton.distributed import choose_device  # noqa: F401 (the loops' device: API here)
 from baton.errors import BatonError
 from baton.io import write_text_atomic
@@ -196,3 +198,31 @@ class RunLifecycle:
         random.seed(self.seed_value)
         np.random.seed(self.seed_value)
         torch.manual_seed(self.seed_value)
+
+
+# Keys whose change between an interrupted run and its resumption does not alter the trajectory.
+RESUME_NEUTRAL_KEYS = ("resume", "train.stop_after_steps", "train.log_every", "train.checkpoint_every",
+                       "train.keep_last", "train.tensorboard", "train.eval_at_end")
+
+
+def config_changes(old_yaml: str, cfg: Any, ignore: Sequence[str] = RESUME_NEUTRAL_KEYS) -> list[str]:
+    """The keys (dotted, with 'old -> new') on which `cfg` differs from a run's saved config.yaml.
+
+    Used when a run is resumed: continuing with another learning rate or length is allowed (users
+    extend runs) but must not go unnoticed, since the result then differs from any single run.
+    """
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    saved = OmegaConf.create(old_yaml)
+    upgrade_node(type(cfg), saved, "saved config", warn=False)
+    old = flat(OmegaConf.to_container(saved))
+    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    # Keys the saved config lacks are schema additions since that run, not the user's changes.
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+            if k not in ignore and old[k] != new.get(k)]

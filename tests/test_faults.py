@@ -158,9 +158,14 @@ def test_a_non_finite_finetuning_loss_stops_with_the_step_and_the_last_good_chec
     args = overrides(tmp_path, handoff, "run", "train.epochs=2", "train.steps_per_epoch=4")
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "demo_softtriple.yaml")
     assert cli_main(["finetune", recipe, *args, "train.epochs=1"]) == 0
-    assert cli_main(["finetune", recipe, *args, "resume=latest", "loss.la=.inf"]) == 2
+    # an infinite scale is refused when the config loads, before any step
+    assert cli_main(["finetune", recipe, *args, "resume=latest", "loss.kwargs.la=.inf"]) == 2
     err = capsys.readouterr().err
-    assert "not finite at step" in err and "step_000004" in err
+    assert "loss.kwargs.la=inf is out of range" in err and "Logging error" not in err
+    # a finite one that overflows float32 makes the loss itself non-finite at the first step
+    assert cli_main(["finetune", recipe, *args, "resume=latest", "loss.la=1e39"]) == 2
+    err = capsys.readouterr().err
+    assert "not finite at step" in err and "step_000004" in err and "Logging error" not in err
     state, _ = load_checkpoint(tmp_path / "run")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from pytorch_metric_learning import distances, losses, miners
 
-from baton.config import config_changes, load_config, to_yaml
+from baton.config import load_config, to_yaml
+from baton.run import config_changes
 from baton.errors import BatonError
 from finetune.config import FinetuneConfig
 from finetune.losses import MinedLoss, SoftTriple, build_loss

@@ -131,7 +131,7 @@ def test_a_checkpoint_of_the_old_layout_resumes_and_exports(tmp_path, synthetic_
 
 def test_finetune_reads_its_old_key_names_as_the_pretrain_names_with_a_warning(tmp_path, caplog):
     """One name per meaning in every stage: finetuning's old spellings map, each warning naming the new key."""
-    from baton.config import config_changes
+    from baton.run import config_changes
 
     old = tmp_path / "old.yaml"
     old.write_text("resume: ''\noptim: {warmup: 7, grad_clip: 0}\ntrain: {keep_checkpoints: 4}\n")

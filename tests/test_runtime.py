@@ -144,7 +144,7 @@ def test_cli_unknown_command(capsys):
 
 
 def test_config_changes_on_resume():
-    from baton.config import config_changes
+    from baton.run import config_changes
 
     saved = to_yaml(_Cfg(name="a"))
     assert config_changes(saved, _Cfg(name="a")) == []
