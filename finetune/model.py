@@ -59,9 +59,7 @@ class EmbeddingModel(nn.Module):
     def train(self, mode: bool = True) -> "EmbeddingModel":
         super().train(mode)
         if mode and self.freeze_batchnorm:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            _backbones().keep_batchnorm_statistics(self.backbone)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

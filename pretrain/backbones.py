@@ -74,3 +74,13 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, BackboneMeta]:
     except RuntimeError as e:
         raise BatonError(f"{path}: weights do not match the architecture in its backbone.json: {e}") from None
     return module.eval(), meta
+
+
+def keep_batchnorm_statistics(module: nn.Module) -> None:
+    """Put every BatchNorm layer of `module` in eval mode: its running statistics stay the starting
+    weights' (its affine weights still learn). Called after `.train()` by a model whose backbone
+    starts from pretrained weights and sees batches unlike the ones it was trained on (the DML
+    recipes' small class-balanced batches, GLIP's scenes: GLIP freezes its ResNet's BatchNorm)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

@@ -68,7 +68,7 @@ def grounding_shards(tmp_path_factory) -> Path:
     return make_grounding_shards(tmp_path_factory.mktemp("grounding"))
 
 
-def run_engine(shards: Path, run_dir: Path, *overrides: str) -> int:
+def run_engine(shards: Path, run_dir: Path, *overrides: str, **glip) -> int:
     from baton.config import load_config
     from pretrain.config import PretrainConfig
     from pretrain.train import train
@@ -77,7 +77,7 @@ def run_engine(shards: Path, run_dir: Path, *overrides: str) -> int:
         f"data.train_shards={shards}", f"run_dir={run_dir}", "method=glip", "data.batch_size=8", "data.workers=1",
         "train.epochs=2", "train.log_every=2", "train.threads=1", "optim.warmup_steps=2", "optim.lr=3e-3",
         "optim.weight_decay=0.01", *overrides])
-    cfg.glip = tiny_glip(eval=cfg.glip.eval)   # the overrides' glip.eval.*
+    cfg.glip = tiny_glip(eval=cfg.glip.eval, **glip)   # the overrides' glip.eval.*, the test's glip keys
     return train(cfg)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from baton.checkpoint import load_checkpoint
 from baton.errors import BatonError
 from test_glip import tiny_glip
 
@@ -123,3 +124,63 @@ def test_a_handoff_of_another_library_names_the_ones_glip_reads():
     with pytest.raises(UnknownName, match=r"unknown handoff library 'onnx': choose one of timm, open_clip "
                                           r"\(of run/x: the handoffs glip.init_from reads\)$"):
         image_weights({}, meta, "small_convnet", "run/x")
+
+
+def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_lr_factor(tmp_path):
+    """glip.freeze_batchnorm: the exported backbone's BatchNorm statistics are the handoff's, bit for
+    bit (without it the scenes move them); glip.backbone_lr_factor=0.1: its weights move about a
+    tenth as far in the same steps (AdamW's step is proportional to the lr), the rest of the model not."""
+    from test_glip_engine import make_grounding_shards, run_engine
+
+    from pretrain.glip.model import build_backbone
+    from pretrain.timm_weights import export_timm_backbone
+
+    torch.manual_seed(5)
+    source = build_backbone(tiny_glip())
+    with torch.no_grad():   # statistics as a trained backbone has them: its features' means and variances
+        for m in source.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None   # a cumulative average over the batches below
+        for _ in range(3):
+            source(torch.randn(16, 3, 64, 64) * 0.8 + 1.0)
+    handoff = tmp_path / "timm"
+    export_timm_backbone(handoff, source, source.state_dict(), "small_convnet", architecture="small_convnet",
+                         model_config={"model_name": "small_convnet", "num_classes": 0},
+                         preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                     "interpolation": "bilinear"}, source={"method": "dino"})
+    shards = make_grounding_shards(tmp_path / "scenes", n=16)
+    start = source.state_dict()
+
+    def trained(name: str, **glip) -> dict[str, torch.Tensor]:
+        run = tmp_path / name
+        assert run_engine(shards, run, "train.max_steps=4", "train.epochs=2", init_from=str(handoff),
+                          init_towers=["image"], **glip) == 0
+        state, _ = load_checkpoint(run)
+        return state["model"]
+
+    def moved(state: dict, prefix: str, keys) -> float:
+        return sum((state[prefix + k].float() - start[k].float()).norm().item() for k in keys)
+
+    plain = trained("plain")
+    held = trained("held", freeze_batchnorm=True, backbone_lr_factor=0.1)
+    stats = [k for k in start if "running_" in k]
+    weights = [k for k, v in start.items() if v.is_floating_point() and "running_" not in k]
+    assert stats and all(torch.equal(held["backbone." + k], start[k]) for k in stats)
+    assert moved(plain, "backbone.", stats) > 0.1
+    ratio = moved(held, "backbone.", weights) / moved(plain, "backbone.", weights)
+    assert 0.05 < ratio < 0.2, ratio
+    # the factor is the backbone's alone: every other parameter keeps the engine's lr
+    from baton.distributed import DistInfo
+    from pretrain.config import PretrainConfig
+    from pretrain.glip.method import GlipMethod
+
+    cfg = PretrainConfig(method="glip")
+    cfg.glip = tiny_glip(backbone_lr_factor=0.1)
+    method = GlipMethod(cfg, DistInfo())
+    model = method.build_model()
+    optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-3)
+    method.adjust_optimizer(optimizer, 0, 10)
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    in_backbone = {id(p) for p in model.backbone.parameters()}
+    assert len(lr) == len([p for p in model.parameters() if p.requires_grad])
+    assert all(v == pytest.approx(1e-4 if k in in_backbone else 1e-3) for k, v in lr.items())

@@ -43,6 +43,12 @@ class GlipConfig:
     # file timm loads (.safetensors / .pth, e.g. a DINO export's backbone.safetensors); timm's own
     # backbone_kwargs.pretrained / pretrained_cfg_overlay do the same. Not with glip.init_from's image tower.
     pretrained: Optional[str] = None
+    # GLIP's recipe for a pretrained backbone (maskrcnn_benchmark's FrozenBatchNorm2d and
+    # SOLVER.BACKBONE_BODY_LR_FACTOR): its BatchNorm statistics stay the starting weights' (eval mode;
+    # affine weights still learn), and its parameters learn at optim.lr x backbone_lr_factor, so
+    # scene batches do not overwrite what a glip.init_from / glip.pretrained backbone knows
+    freeze_batchnorm: bool = False
+    backbone_lr_factor: float = bounded(1.0, gt=0, le=1)
     image_size: int = bounded(128, ge=16)   # scenes are resized to image_size x image_size (boxes with them)
     mean: List[float] = field(default_factory=lambda: list(MEAN))
     std: List[float] = field(default_factory=lambda: list(STD))

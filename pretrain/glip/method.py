@@ -86,7 +86,26 @@ class GlipMethod(PretrainMethod):
         return samples
 
     def param_groups(self, model) -> list[dict]:
-        return self.decay_groups(model, NO_DECAY)
+        """The decay / no-decay groups; with glip.backbone_lr_factor != 1 each splits in two, the
+        backbone's parameters (named `backbone.*`) in groups that carry that `lr_factor`."""
+        groups = self.decay_groups(model, NO_DECAY)
+        factor = self.glip.backbone_lr_factor
+        if factor == 1.0:
+            return groups
+        backbone = {id(p) for p in unwrap(model).backbone.parameters()}
+        split = []
+        for g in groups:
+            for in_backbone in (False, True):
+                params = [p for p in g["params"] if (id(p) in backbone) == in_backbone]
+                if params:
+                    split.append({**g, "params": params, "name": g["name"] + ("_backbone" if in_backbone else ""),
+                                  **({"lr_factor": factor} if in_backbone else {})})
+        return split
+
+    def adjust_optimizer(self, optimizer, step: int, total: int) -> None:
+        """The backbone's groups learn at the engine's lr x glip.backbone_lr_factor."""
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_factor", 1.0)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """A loss normaliser averaged over ranks (GLIP's reduce_sum / world size)."""

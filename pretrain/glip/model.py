@@ -33,6 +33,7 @@ from baton.errors import BatonError
 from baton.packaged_models import resolve_model_path
 from baton.registry import Registry
 from pretrain.glip.config import GlipConfig
+from pretrain.backbones import keep_batchnorm_statistics
 from pretrain.timm_weights import architecture_kwargs, create_backbone
 
 
@@ -147,12 +148,17 @@ class GlipModel(nn.Module):
         nn.init.zeros_(self.token_bias.bias)
         if cfg.lock_text:   # frozen; starting weights loaded later (init_from, a checkpoint) still fill it
             self.text.requires_grad_(False).eval()
+        if cfg.freeze_batchnorm:   # from the first step: a model is built in training mode
+            keep_batchnorm_statistics(self.backbone)
 
     def train(self, mode: bool = True) -> "GlipModel":
-        """glip.lock_text: the text encoder stays in eval mode (no dropout) whatever the model's mode."""
+        """glip.lock_text: the text encoder stays in eval mode (no dropout) whatever the model's mode;
+        glip.freeze_batchnorm: so do the backbone's BatchNorm layers (their statistics)."""
         super().train(mode)
         if self.cfg.lock_text:
             self.text.eval()
+        if self.cfg.freeze_batchnorm:
+            keep_batchnorm_statistics(self.backbone)
         return self
 
     @torch.no_grad()
