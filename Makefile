@@ -169,12 +169,15 @@ demo-dino: setup $(DEMO)/dino/report.md
 # `make demo` (its 15-minute budget). The scenes show 100 classes (50 seen in training, 50 unseen), the
 # first 100 of the emoji source's seeded order, so the 50 training classes are emoji training classes:
 # 2,000 scenes show each about 100 times (over all ~960 classes, five times: too few to learn a name).
-GLIP_RUN := seed=$(SEED) train.precision=$(PRECISION) train.eval_every=0 data.train_shards=$(GDATA)/train glip.eval.shards=$(GDATA)/test
+# Every GLIP run's image backbone starts from the demo CLIP's image tower (glip.init_from), so it needs
+# `make demo`'s CLIP pretraining first (built here when missing).
+GLIP_RUN := seed=$(SEED) train.precision=$(PRECISION) train.eval_every=0 data.train_shards=$(GDATA)/train glip.eval.shards=$(GDATA)/test \
+  glip.init_from=$(DEMO)/pretrain/export
 
 $(GDATA)/val/stats.json: | setup
 	$(BIN)/baton shards grounding-emoji --seed $(SEED) --out $(GDATA) --max-classes 100 --train-scenes 2000 --val-scenes 300 --test-scenes 300
 
-$(DEMO)/glip/export/backbone.json: $(GDATA)/val/stats.json configs/glip_demo.yaml
+$(DEMO)/glip/export/backbone.json: $(GDATA)/val/stats.json configs/glip_demo.yaml $(DEMO)/pretrain/export/backbone.json
 	$(BIN)/baton pretrain configs/glip_demo.yaml resume=latest $(GLIP_RUN) run_dir=$(DEMO)/glip
 	$(BIN)/baton export $(DEMO)/glip $(DEMO)/glip/export
 
@@ -182,7 +185,7 @@ $(DEMO)/glip/export/backbone.json: $(GDATA)/val/stats.json configs/glip_demo.yam
 # (untrained) or trained from scratch (scratch)
 GLIP_TEXT_untrained := glip.text_encoder=open_clip glip.lock_text=true
 GLIP_TEXT_scratch   := glip.text_encoder=open_clip glip.lock_text=false
-$(DEMO)/glip_text_%/.done: $(GDATA)/val/stats.json configs/glip_demo.yaml
+$(DEMO)/glip_text_%/.done: $(GDATA)/val/stats.json configs/glip_demo.yaml $(DEMO)/pretrain/export/backbone.json
 	$(BIN)/baton pretrain configs/glip_demo.yaml resume=latest $(GLIP_RUN) $(GLIP_TEXT_$*) \
 	  run_dir=$(DEMO)/glip_text_$*
 	touch $@
@@ -215,22 +218,27 @@ $(DEMO)/glip/eval_finetuned/metrics.json: $(DEMO)/glip/finetune/model/.done
 
 GLIP_EVALS := $(foreach r,glip glip_text_untrained glip_text_scratch,$(foreach s,seen unseen,$(DEMO)/$(r)/eval_$(s)/metrics.json))
 $(DEMO)/glip/report.md: $(GLIP_EVALS) $(DEMO)/eval_pixels/metrics.json $(DEMO)/glip/eval_random/metrics.json \
-                        $(DEMO)/glip/eval_pretrained/metrics.json $(DEMO)/glip/eval_finetuned/metrics.json
+                        $(DEMO)/eval_pretrained/metrics.json $(DEMO)/glip/eval_pretrained/metrics.json \
+                        $(DEMO)/glip/eval_finetuned/metrics.json
 	$(BIN)/baton report --out $@ --title "baton demo, GLIP: grounding on held-out scenes, retrieval on held-out classes" \
 	  --row "raw pixels 16x16=$(DEMO)/eval_pixels" \
 	  --row "random init=$(DEMO)/glip/eval_random" \
+	  --row "CLIP pretrained (GLIP's image init)=$(DEMO)/eval_pretrained" \
 	  --row "GLIP backbone=$(DEMO)/glip/eval_pretrained" \
 	  --row "GLIP backbone + SoftTriple finetuned=$(DEMO)/glip/eval_finetuned" \
-	  --row "text encoder untrained, seen classes=$(DEMO)/glip_text_untrained/eval_seen" \
-	  --row "text encoder from scratch, seen classes=$(DEMO)/glip_text_scratch/eval_seen" \
-	  --row "GLIP (MiniLM text), seen classes=$(DEMO)/glip/eval_seen" \
-	  --row "text encoder untrained, unseen classes=$(DEMO)/glip_text_untrained/eval_unseen" \
-	  --row "text encoder from scratch, unseen classes=$(DEMO)/glip_text_scratch/eval_unseen" \
-	  --row "GLIP (MiniLM text), unseen classes (zero-shot)=$(DEMO)/glip/eval_unseen" \
+	  --row "seen classes: text encoder untrained=$(DEMO)/glip_text_untrained/eval_seen" \
+	  --row "seen classes: text encoder from scratch=$(DEMO)/glip_text_scratch/eval_seen" \
+	  --row "seen classes: GLIP (MiniLM text)=$(DEMO)/glip/eval_seen" \
+	  --row "unseen classes: text encoder untrained=$(DEMO)/glip_text_untrained/eval_unseen" \
+	  --row "unseen classes: text encoder from scratch=$(DEMO)/glip_text_scratch/eval_unseen" \
+	  --row "unseen classes (zero-shot): GLIP (MiniLM text)=$(DEMO)/glip/eval_unseen" \
 	  --loss-curve "GLIP pretrain=$(DEMO)/glip/metrics.jsonl" \
 	  --loss-curve "text encoder untrained=$(DEMO)/glip_text_untrained/metrics.jsonl" \
 	  --loss-curve "text encoder from scratch=$(DEMO)/glip_text_scratch/metrics.jsonl" \
-	  --loss-curve "GLIP backbone + SoftTriple=$(DEMO)/glip/finetune/metrics.jsonl"
+	  --loss-curve "GLIP backbone + SoftTriple=$(DEMO)/glip/finetune/metrics.jsonl" \
+	  --expect-increasing "raw pixels 16x16,GLIP backbone + SoftTriple finetuned" \
+	  --expect-increasing "seen classes: text encoder untrained,seen classes: GLIP (MiniLM text)" \
+	  --expect-increasing "unseen classes: text encoder untrained,unseen classes (zero-shot): GLIP (MiniLM text)"
 
 demo-glip: setup $(DEMO)/glip/report.md
 	@cat $(DEMO)/glip/report.md

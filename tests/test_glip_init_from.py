@@ -5,6 +5,7 @@ handoff (DINO / GLIP export) starts the backbone too; the engine applies the key
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_a_handoff_of_another_library_names_the_ones_glip_reads():
         image_weights({}, meta, "small_convnet", "run/x")
 
 
-def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_lr_factor(tmp_path):
+def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_lr_factor(tmp_path, caplog):
     """glip.freeze_batchnorm: the exported backbone's BatchNorm statistics are the handoff's, bit for
     bit (without it the scenes move them); glip.backbone_lr_factor=0.1: its weights move about a
     tenth as far in the same steps (AdamW's step is proportional to the lr), the rest of the model not."""
@@ -177,7 +178,12 @@ def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_
     cfg = PretrainConfig(method="glip")
     cfg.glip = tiny_glip(backbone_lr_factor=0.1)
     method = GlipMethod(cfg, DistInfo())
-    model = method.build_model()
+    logging.getLogger("baton").addHandler(caplog.handler)   # the engine's runs above set propagate=False
+    try:
+        model = method.build_model()
+    finally:
+        logging.getLogger("baton").removeHandler(caplog.handler)
+    assert "glip.backbone_lr_factor hold back a backbone that starts from a random init" in caplog.text
     optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-3)
     method.adjust_optimizer(optimizer, 0, 10)
     lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}

@@ -143,7 +143,7 @@ def test_glip_starts_its_image_backbone_from_timm_weights(tmp_path, monkeypatch)
     def method(*overrides: str) -> GlipMethod:
         cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "glip_demo.yaml",
                           ["glip.image_size=64", "glip.dim=32", "glip.text_width=32", "glip.text_layers=1",
-                           "glip.fusion_layers=1", *overrides])
+                           "glip.fusion_layers=1", "glip.backbone=small_convnet", "glip.init_from=null", *overrides])
         return GlipMethod(cfg, DistInfo())
 
     torch.manual_seed(0)

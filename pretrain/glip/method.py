@@ -13,6 +13,7 @@ names, timm's config.json beside them): finetuning and timm's `local-dir:` load 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,14 @@ class GlipMethod(PretrainMethod):
             raise BatonError(f"{keys} and glip.init_from={self.glip.init_from} (init_towers "
                              f"{list(self.glip.init_towers)}) both choose the image backbone's starting weights: "
                              f"keep one, or set glip.init_towers=[text]")
+        held = [k for k, on in (("glip.freeze_batchnorm", self.glip.freeze_batchnorm),
+                                ("glip.backbone_lr_factor", self.glip.backbone_lr_factor != 1.0)) if on]
+        if held and not self.from_checkpoint and not chosen["pretrained"] and \
+                not (self.glip.init_from and "image" in self.glip.init_towers):
+            logging.getLogger("baton").warning(
+                "%s hold back a backbone that starts from a random init (BatchNorm statistics 0 / 1, a "
+                "slower lr): they are GLIP's recipe for a pretrained one (glip.init_from, glip.pretrained)",
+                " and ".join(held))
         tok = self.tokenizer()
         model = GlipModel(self.glip, vocab_size=len(tok), pad_id=int(tok.pad_token_id or 0),
                           start_weights=not self.from_checkpoint)
