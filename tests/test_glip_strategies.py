@@ -136,8 +136,10 @@ def test_fsdp2_world_of_one_equals_the_plain_module(batches):
 
 
 @pytest.mark.slow   # importing deepspeed takes seconds
-def test_deepspeed_zero2_trains_like_ddp_checkpoints_and_resumes_exactly(tmp_path):
-    """ZeRO-2 on CPU (gloo, a world of one in this process): 12 steps follow DDP's losses; cut after 5
+@pytest.mark.parametrize("glip", [{}, {"backbone_lr_factor": 0.1}], ids=["plain", "backbone_lr_factor"])
+def test_deepspeed_zero2_trains_like_ddp_checkpoints_and_resumes_exactly(tmp_path, glip):
+    """ZeRO-2 on CPU (gloo, a world of one in this process): 12 steps follow DDP's losses (also with the
+    backbone's own optimiser groups of glip.backbone_lr_factor, their lr kept by ZeRO); cut after 5
     and resumed from DeepSpeed's own checkpoint files, the weights equal the uninterrupted run's
     bit for bit (AdamW's moments came back too: without them the later steps would differ); the run
     exports and `baton evaluate` scores it. Four runs in one process: each one's teardown releases
@@ -153,11 +155,11 @@ def test_deepspeed_zero2_trains_like_ddp_checkpoints_and_resumes_exactly(tmp_pat
 
     shards = make_grounding_shards(tmp_path / "scenes", n=32)
     ds = ("train.strategy=deepspeed", "train.zero_stage=2", "train.epochs=3", "train.log_every=1")
-    assert run_engine(shards, tmp_path / "ddp", *ds[2:], "train.strategy=ddp") == 0
-    assert run_engine(shards, tmp_path / "full", *ds, "train.checkpoint_every=100") == 0
-    assert run_engine(shards, tmp_path / "cut", *ds, "train.stop_after_steps=5", "train.checkpoint_every=5") == 0
+    assert run_engine(shards, tmp_path / "ddp", *ds[2:], "train.strategy=ddp", **glip) == 0
+    assert run_engine(shards, tmp_path / "full", *ds, "train.checkpoint_every=100", **glip) == 0
+    assert run_engine(shards, tmp_path / "cut", *ds, "train.stop_after_steps=5", "train.checkpoint_every=5", **glip) == 0
     assert not dist.is_initialized()
-    assert run_engine(shards, tmp_path / "cut", *ds, "resume=latest", "train.checkpoint_every=5") == 0
+    assert run_engine(shards, tmp_path / "cut", *ds, "resume=latest", "train.checkpoint_every=5", **glip) == 0
 
     losses = {r: [m["loss"] for m in metrics(tmp_path / r) if "loss" in m] for r in ("ddp", "full", "cut")}
     # ZeRO's flat gradient buffers sum in another order: ~1e-6 apart, amplified by later steps
