@@ -32,8 +32,8 @@ from torch import nn
 from baton.errors import BatonError
 from baton.packaged_models import resolve_model_path
 from baton.registry import Registry
-from pretrain.glip.config import GlipConfig
 from pretrain.backbones import keep_batchnorm_statistics
+from pretrain.glip.config import GlipConfig
 from pretrain.timm_weights import architecture_kwargs, create_backbone
 
 
