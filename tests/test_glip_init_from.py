@@ -46,6 +46,16 @@ def clip_export(tmp_path_factory) -> Path:
     return out
 
 
+def small_convnet_handoff(out: Path, source: torch.nn.Module) -> Path:
+    """`source` (a timm small_convnet) written as a DINO-style timm handoff, as `baton export` writes one."""
+    from pretrain.timm_weights import export_timm_backbone
+
+    return export_timm_backbone(out, source, source.state_dict(), "small_convnet", architecture="small_convnet",
+                                model_config={"model_name": "small_convnet", "num_classes": 0},
+                                preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                            "interpolation": "bilinear"}, source={"method": "dino"})
+
+
 def glip_model(**kw):
     from baton.distributed import DistInfo
     from pretrain.config import PretrainConfig
@@ -94,14 +104,10 @@ def test_mismatches_are_errors_naming_what_differs(clip_export):
 
 def test_a_timm_handoff_starts_the_backbone_and_has_no_text(tmp_path):
     from pretrain.glip.model import build_backbone
-    from pretrain.timm_weights import export_timm_backbone
 
     torch.manual_seed(5)
     source = build_backbone(tiny_glip())
-    export_timm_backbone(tmp_path / "timm", source, source.state_dict(), "small_convnet", architecture="small_convnet",
-                         model_config={"model_name": "small_convnet", "num_classes": 0},
-                         preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                     "interpolation": "bilinear"}, source={"method": "dino"})
+    small_convnet_handoff(tmp_path / "timm", source)
     model = glip_model(init_from=str(tmp_path / "timm"), init_towers=["image"])
     for k, v in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
@@ -134,7 +140,6 @@ def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_
     from test_glip_engine import make_grounding_shards, run_engine
 
     from pretrain.glip.model import build_backbone
-    from pretrain.timm_weights import export_timm_backbone
 
     torch.manual_seed(5)
     source = build_backbone(tiny_glip())
@@ -144,11 +149,7 @@ def test_a_pretrained_backbone_keeps_its_batchnorm_statistics_and_learns_at_the_
                 m.momentum = None   # a cumulative average over the batches below
         for _ in range(3):
             source(torch.randn(16, 3, 64, 64) * 0.8 + 1.0)
-    handoff = tmp_path / "timm"
-    export_timm_backbone(handoff, source, source.state_dict(), "small_convnet", architecture="small_convnet",
-                         model_config={"model_name": "small_convnet", "num_classes": 0},
-                         preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                     "interpolation": "bilinear"}, source={"method": "dino"})
+    handoff = small_convnet_handoff(tmp_path / "timm", source)
     shards = make_grounding_shards(tmp_path / "scenes", n=16)
     start = source.state_dict()
 

@@ -10,8 +10,8 @@ import torch
 from pytorch_metric_learning import distances, losses, miners
 
 from baton.config import load_config, to_yaml
-from baton.run import config_changes
 from baton.errors import BatonError
+from baton.run import config_changes
 from finetune.config import FinetuneConfig
 from finetune.losses import MinedLoss, SoftTriple, build_loss
 from finetune.model import EmbeddingModel

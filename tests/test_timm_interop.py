@@ -122,8 +122,9 @@ def test_glip_starts_its_image_backbone_from_timm_weights(tmp_path, monkeypatch)
     from pretrain.config import PretrainConfig
     from pretrain.glip.method import GlipMethod
     from pretrain.glip.model import build_backbone
-    from pretrain.timm_weights import export_timm_backbone, timm_cache_place
+    from pretrain.timm_weights import timm_cache_place
     from test_glip import tiny_glip
+    from test_glip_init_from import small_convnet_handoff
 
     torch.manual_seed(5)
     source = build_backbone(tiny_glip())
@@ -131,11 +132,7 @@ def test_glip_starts_its_image_backbone_from_timm_weights(tmp_path, monkeypatch)
         for buf in source.buffers():
             if buf.is_floating_point():
                 buf.uniform_(0.5, 1.5)
-    handoff = export_timm_backbone(tmp_path / "timm", source, source.state_dict(), "small_convnet",
-                                   architecture="small_convnet",
-                                   model_config={"model_name": "small_convnet", "num_classes": 0},
-                                   preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                               "interpolation": "bilinear"}, source={"method": "dino"})
+    handoff = small_convnet_handoff(tmp_path / "timm", source)
     weights = tmp_path / "start.safetensors"
     weights.write_bytes((handoff / "backbone.safetensors").read_bytes())
     want = source.state_dict()
